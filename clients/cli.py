@@ -1,0 +1,50 @@
+"""The ``switchboard`` command.
+
+One entry point; each command group lives in its own module and is imported only when
+that command runs. So the client commands never import torch or server code, and a
+slow import (transformers) is paid only by the commands that need it.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+from typing import NamedTuple
+
+
+class Command(NamedTuple):
+    module: str
+    summary: str
+
+
+COMMANDS: dict[str, Command] = {
+    "model": Command("server.cli", "prepare (convert and cache) or inspect the base model"),
+    "manifest": Command("server.cli", "validate an adapter's switchboard.json manifest"),
+}
+
+
+def _usage() -> str:
+    width = max(len(name) for name in COMMANDS)
+    lines = ["usage: switchboard COMMAND [ARGS...]", "", "commands:"]
+    lines += [f"  {name:<{width}}  {cmd.summary}" for name, cmd in COMMANDS.items()]
+    lines += ["", "Run `switchboard COMMAND --help` for a command's options."]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else list(argv)
+    if not args or args[0] in ("-h", "--help"):
+        print(_usage())
+        return 0 if args else 2
+    name = args[0]
+    if name not in COMMANDS:
+        print(
+            f"error: unknown command {name!r} (valid: {', '.join(COMMANDS)})", file=sys.stderr
+        )
+        return 2
+    module = importlib.import_module(COMMANDS[name].module)
+    return int(module.main(args))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,48 @@
+"""Domain errors, defined once for the whole product.
+
+Every error carries a one-line message that names the problem; the CLI prints it as
+``error: <message>`` and the gRPC service (a later layer) maps each class to one status
+code in one place. Messages never quote more than a short slice of user input.
+"""
+
+from __future__ import annotations
+
+MAX_QUOTED_CHARS = 80
+
+
+def quote(value: object, limit: int = MAX_QUOTED_CHARS) -> str:
+    """repr() of ``value`` cut to ``limit`` characters, for error messages."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+class SwitchboardError(Exception):
+    """Base of every error Switchboard raises on purpose."""
+
+    def __init__(self, message: str) -> None:
+        # One line: callers print this verbatim, logs index it.
+        super().__init__(" ".join(message.split("\n")))
+
+
+class InvalidOption(SwitchboardError):
+    """A setting has a value outside its documented set (quantize, dtype, device...)."""
+
+
+class DeviceUnavailable(SwitchboardError):
+    """The requested accelerator is not present on this machine."""
+
+
+class BaseModelNotFound(SwitchboardError):
+    """The base-model source is neither an HF folder, a .gguf file nor 'default'."""
+
+
+class UnsupportedArchitecture(SwitchboardError):
+    """The base model is not a LLaMA-family model with the linear layers LoRA targets."""
+
+
+class ManifestError(SwitchboardError):
+    """A switchboard.json manifest is missing, unparsable or has a bad field."""
+
+
+class PromptTemplateError(SwitchboardError):
+    """A prompt template does not hold exactly one ``{text}`` placeholder."""

@@ -1,0 +1,47 @@
+"""Shared fixtures: the real default model (loaded once) and a tiny random LLaMA."""
+
+from __future__ import annotations
+
+import os
+
+# Nothing may come from a model hub at test time; set before transformers is imported.
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from server.basemodel import LoadedBaseModel, load_base_model
+from tests.tiny_llama import build_tiny_llama
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if torch.cuda.is_available():
+        return
+    skip_gpu = pytest.mark.skip(reason="needs a CUDA device; none on this machine")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip_gpu)
+
+
+@pytest.fixture(scope="session")
+def default_model() -> LoadedBaseModel:
+    """SmolLM2-135M-Instruct, fp32 on the CPU (or the default device)."""
+    return load_base_model("default", dtype="float32")
+
+
+@pytest.fixture(scope="session")
+def tokenizer(default_model: LoadedBaseModel):
+    return default_model.tokenizer
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory, tokenizer) -> Path:
+    return build_tiny_llama(tmp_path_factory.mktemp("tiny-llama"), tokenizer)
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tiny_model_dir: Path) -> LoadedBaseModel:
+    return load_base_model(tiny_model_dir, dtype="float32")
