@@ -46,3 +46,27 @@ class ManifestError(SwitchboardError):
 
 class PromptTemplateError(SwitchboardError):
     """A prompt template does not hold exactly one ``{text}`` placeholder."""
+
+
+class InvalidRequest(SwitchboardError):
+    """A generation request has a field outside its allowed range; the message names it."""
+
+
+class QueueFull(SwitchboardError):
+    """The engine's wait queue is at its limit; the caller may retry later."""
+
+
+class AdapterNotFound(SwitchboardError):
+    """No adapter of that name (or no adapter files at that path)."""
+
+
+class AdapterIncompatible(SwitchboardError):
+    """An adapter cannot be applied to this base model (shapes, targets, rank, format)."""
+
+
+class EngineStopped(SwitchboardError):
+    """The engine is shutting down or stopped and takes no new requests."""
+
+
+class EngineFault(SwitchboardError):
+    """An unexpected failure inside an engine step; only the rows of that step end."""

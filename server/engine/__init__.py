@@ -1,0 +1,1 @@
+"""The engine: batched multi-LoRA forward, continuous batching, sampling, streaming."""

@@ -1,0 +1,53 @@
+"""EngineConfig: the engine's settings, each documented once and validated."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+from server.basemodel.loader import LORA_TARGET_MODULES
+from server.errors import InvalidOption
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    max_batch_size: int = 16
+    """Rows decoding together; also the number of preallocated KV-cache rows."""
+    max_queue_size: int = 256
+    """Requests waiting for admission; one more is refused with QueueFull."""
+    max_model_len: int = 1024
+    """Prompt + generated tokens per request; bounds KV-cache memory."""
+    max_num_batched_tokens: int = 512
+    """Token budget of one step (decode tokens + prefill chunks)."""
+    prefill_chunk_size: int = 256
+    """Longest prompt slice prefilled in one step, so long prompts never freeze streams."""
+    max_loras: int = 8
+    """Device slots for adapters in the same batch."""
+    max_lora_rank: int = 16
+    """Largest adapter rank a slot holds; lower ranks are zero-padded."""
+    target_modules: tuple[str, ...] = LORA_TARGET_MODULES
+    """Base linear layers wrapped for LoRA."""
+    max_new_tokens_limit: int = 1024
+    """Largest max_new_tokens a request may ask for."""
+    max_weight_scale: float = 4.0
+    """Largest weight_scale a request may ask for."""
+    aging_limit_s: float = 2.0
+    """A request not admissible for this long stops later requests from passing it."""
+    trace_capacity: int = 4096
+    """Steps kept in the step trace."""
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, int | float) and not isinstance(value, bool) and value <= 0:
+                raise InvalidOption(f"engine setting {f.name} must be > 0, got {value}")
+        if self.max_num_batched_tokens < self.max_batch_size:
+            raise InvalidOption(
+                "engine setting max_num_batched_tokens must be >= max_batch_size "
+                "(every decoding row needs one token per step)"
+            )
+        unknown = set(self.target_modules) - set(LORA_TARGET_MODULES)
+        if unknown:
+            raise InvalidOption(
+                f"engine setting target_modules has unknown module {sorted(unknown)[0]!r} "
+                f"(valid: {', '.join(LORA_TARGET_MODULES)})"
+            )

@@ -1,0 +1,431 @@
+"""The engine: continuous batching of multi-LoRA requests on its own thread.
+
+Each step (iteration-level scheduling, design decision 3):
+
+1. requests that were cancelled or passed their deadline leave (waiting or running);
+2. waiting requests are admitted FCFS among the admissible ones, up to
+   ``max_batch_size`` rows: one whose adapter is not resident yet is passed by later
+   ones, unless it has waited ``aging_limit_s``, in which case nobody passes it;
+3. every decoding row contributes one token, prefilling rows a chunk of their prompt
+   within the step's token budget;
+4. one forward pass over the packed batch (per-row adapter slot and scale);
+5. rows that completed their prompt or decoded get a token (their own sampler and
+   seed), text is detokenized and streamed; finished rows leave at once.
+
+The asyncio gRPC loop only submits and reads events (design decision 5); torch runs
+here, outside the GIL-bound loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from server.engine.config import EngineConfig
+from server.engine.detokenizer import IncrementalDetokenizer
+from server.engine.forward import BatchedLlama, Segment, StepInput
+from server.engine.kv_cache import SlottedKVCache
+from server.engine.multi_lora import NO_ADAPTER, LoraSlots, attach_multi_lora
+from server.engine.request import (
+    FinishReason,
+    GenerationRequest,
+    GenerationResult,
+    RequestHandle,
+    TokenChunk,
+)
+from server.engine.sampling import choose_token, make_generator
+from server.errors import EngineStopped, InvalidRequest, QueueFull
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class StepTrace:
+    step: int
+    rows: tuple[str, ...]
+    """Request ids that took part in this step."""
+    prefill_tokens: dict[str, int]
+    """Prompt tokens computed this step, by request id (absent: decoding)."""
+    duration_s: float
+
+
+@dataclass
+class _Row:
+    handle: RequestHandle
+    submitted_at: float
+    kv_row: int = -1
+    slot: int = NO_ADAPTER
+    admitted_at: float = 0.0
+    first_token_at: float | None = None
+    computed: int = 0  # prompt tokens already in the KV cache
+    generated: list[int] = field(default_factory=list)
+    pending_ids: list[int] = field(default_factory=list)  # tokens not yet in a chunk
+    logits: list[torch.Tensor] = field(default_factory=list)
+    detok: IncrementalDetokenizer | None = None
+    generator: torch.Generator | None = None
+    bound: bool = False  # an AdapterBinding was acquired and must be released
+
+    @property
+    def request(self) -> GenerationRequest:
+        return self.handle.request
+
+    @property
+    def prefilling(self) -> bool:
+        return self.computed < len(self.request.prompt_ids)
+
+
+class Engine:
+    def __init__(self, model: torch.nn.Module, tokenizer, config: EngineConfig | None = None,
+                 *, start: bool = True) -> None:
+        self.config = config or EngineConfig()
+        self.tokenizer = tokenizer
+        self.model = model
+        self.device = next(model.parameters()).device
+        self.slots: LoraSlots = attach_multi_lora(
+            model, self.config.target_modules, self.config.max_loras, self.config.max_lora_rank
+        )
+        model_config: Any = model.config
+        head_dim = getattr(model_config, "head_dim", None) or (
+            model_config.hidden_size // model_config.num_attention_heads
+        )
+        dtype = model.get_input_embeddings().weight.dtype  # type: ignore[operator]
+        self.cache = SlottedKVCache(
+            model_config.num_hidden_layers, self.config.max_batch_size,
+            model_config.num_key_value_heads, self.config.max_model_len, head_dim, dtype,
+            self.device,
+        )
+        self.runner = BatchedLlama(model, self.cache)
+        self.vocab_size = int(model_config.vocab_size)
+        self.eos_ids = _eos_ids(model, tokenizer)
+
+        self.trace: deque[StepTrace] = deque(maxlen=self.config.trace_capacity)
+        self.fault_hook: Callable[[int], None] | None = None
+        """Called with the step number before each forward; an exception it raises ends
+        the rows of that step with an error (tests inject faults through it)."""
+        self.steps = 0
+        self._waiting: deque[_Row] = deque()
+        self._running: list[_Row] = []
+        self._cond = threading.Condition()
+        self._stopping = False
+        self._drain = False
+        self._thread = threading.Thread(target=self._loop, name="switchboard-engine", daemon=True)
+        if start:
+            self.start()
+
+    # -- public API (any thread) ------------------------------------------------------------
+    def start(self) -> None:
+        self._thread.start()
+
+    def submit(self, request: GenerationRequest) -> RequestHandle:
+        """Validate and queue ``request``; raise a domain error if it cannot be taken."""
+        self._validate(request)
+        try:
+            loop: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
+        except RuntimeError:
+            loop = None
+        handle = RequestHandle(request, loop)
+        with self._cond:
+            if self._stopping:
+                raise EngineStopped("the engine is shutting down and takes no new requests")
+            if len(self._waiting) >= self.config.max_queue_size:
+                raise QueueFull(
+                    f"the wait queue is full ({self.config.max_queue_size} requests); retry later"
+                )
+            self._waiting.append(_Row(handle, time.monotonic()))
+            self._cond.notify()
+        return handle
+
+    def generate(self, request: GenerationRequest, timeout: float | None = None
+                 ) -> GenerationResult:
+        """Submit and wait (for blocking callers and tests)."""
+        return self.submit(request).result(timeout)
+
+    def stop(self, drain: bool = False, timeout: float | None = None) -> None:
+        """Stop the engine thread; with ``drain``, finish admitted and queued work first."""
+        with self._cond:
+            self._stopping = True
+            self._drain = drain
+            self._cond.notify_all()
+        if self._thread.is_alive():
+            self._thread.join(timeout)
+
+    def stats(self) -> dict[str, int]:
+        with self._cond:
+            return {
+                "running": len(self._running),
+                "waiting": len(self._waiting),
+                "free_kv_rows": self.cache.free_rows,
+                "steps": self.steps,
+            }
+
+    # -- validation -------------------------------------------------------------------------
+    def _validate(self, request: GenerationRequest) -> None:
+        cfg = self.config
+        prompt = request.prompt_ids
+        if not prompt:
+            raise InvalidRequest("prompt is empty")
+        if any(not 0 <= int(t) < self.vocab_size for t in prompt):
+            raise InvalidRequest(f"prompt holds token ids outside [0, {self.vocab_size})")
+        request.sampling.validate(cfg.max_new_tokens_limit)
+        total = len(prompt) + request.sampling.max_new_tokens
+        if total > cfg.max_model_len:
+            raise InvalidRequest(
+                f"prompt tokens ({len(prompt)}) + max_new_tokens "
+                f"({request.sampling.max_new_tokens}) = {total} exceeds max_model_len "
+                f"{cfg.max_model_len}"
+            )
+        scale = request.weight_scale
+        if not isinstance(scale, int | float) or not math.isfinite(scale) or scale < 0:
+            raise InvalidRequest(f"weight_scale must be a finite number >= 0, got {scale}")
+        if scale > cfg.max_weight_scale:
+            raise InvalidRequest(f"weight_scale {scale} exceeds the limit {cfg.max_weight_scale}")
+        adapter = request.adapter
+        if isinstance(adapter, int) and not self.slots.is_loaded(adapter):
+            loaded = [s.slot for s in self.slots.slots() if s.adapter] or "none"
+            raise InvalidRequest(f"unknown adapter slot {adapter} (loaded: {loaded})")
+        if request.forced_tokens is not None and any(
+            not 0 <= int(t) < self.vocab_size for t in request.forced_tokens
+        ):
+            raise InvalidRequest(f"forced_tokens hold ids outside [0, {self.vocab_size})")
+
+    # -- engine thread ----------------------------------------------------------------------
+    def _loop(self) -> None:
+        while True:
+            with self._cond:
+                while not self._running and not self._waiting and not self._stopping:
+                    self._cond.wait()
+                if self._stopping and not (self._drain and (self._running or self._waiting)):
+                    break
+            try:
+                worked = self.step()
+            except Exception:  # a bug outside the guarded forward; keep the thread alive
+                log.exception("engine step failed outside the forward pass")
+                worked = False
+            if not worked:
+                with self._cond:
+                    self._cond.wait(timeout=0.005)  # only requests waiting for adapters
+        self._abort_all("the engine stopped before the request finished")
+
+    def step(self) -> bool:
+        """Run one scheduling step; return whether a forward pass ran."""
+        now = time.monotonic()
+        self._reap(now)
+        self._admit(now)
+        if not self._running:
+            return False
+        step_no = self.steps
+        self.steps += 1
+        rows, step = self._plan()
+        if not rows:
+            return False
+        started = time.perf_counter()
+        try:
+            if self.fault_hook is not None:
+                self.fault_hook(step_no)
+            token_slots = torch.tensor(
+                [r.slot for r, s in zip(rows, step.segments, strict=True) for _ in range(s.length)],
+                device=self.device,
+            )
+            token_scales = torch.tensor(
+                [r.request.weight_scale for r, s in zip(rows, step.segments, strict=True)
+                 for _ in range(s.length)],
+                device=self.device,
+            )
+            self.slots.set_step(token_slots, token_scales)
+            logits = self.runner.forward(step)
+        except Exception as exc:
+            log.exception("engine step %d failed; ending its %d rows", step_no, len(rows))
+            for row in rows:
+                self._finish(row, FinishReason.ERROR, error=f"engine step failed: {exc}"[:300])
+            return True
+        finally:
+            self.slots.clear_step()
+        prefill = {
+            r.request.request_id: s.length for r, s in zip(rows, step.segments, strict=True)
+            if r.prefilling
+        }
+        for row, segment in zip(rows, step.segments, strict=True):
+            if row.prefilling:
+                row.computed += segment.length
+        for logit_index, seg_index in enumerate(step.logit_rows):
+            self._advance(rows[seg_index], logits[logit_index])
+        self.trace.append(StepTrace(
+            step_no, tuple(r.request.request_id for r in rows), prefill,
+            time.perf_counter() - started,
+        ))
+        return True
+
+    def _reap(self, now: float) -> None:
+        with self._cond:
+            for row in list(self._waiting):
+                reason = _ended(row, now)
+                if reason is not None:
+                    self._waiting.remove(row)
+                    self._finish(row, reason)
+        for row in list(self._running):
+            reason = _ended(row, now)
+            if reason is not None:
+                self._finish(row, reason)
+
+    def _admit(self, now: float) -> None:
+        with self._cond:
+            for row in list(self._waiting):
+                if len(self._running) >= self.config.max_batch_size or not self.cache.free_rows:
+                    return
+                slot = self._acquire_slot(row)
+                if slot is None:
+                    if now - row.submitted_at > self.config.aging_limit_s:
+                        return  # starvation guard: nobody passes a request this old
+                    continue
+                self._waiting.remove(row)
+                kv_row = self.cache.allocate()
+                assert kv_row is not None
+                request = row.request
+                row.kv_row, row.slot, row.admitted_at = kv_row, slot, now
+                row.detok = IncrementalDetokenizer(self.tokenizer, request.sampling.stop)
+                if not request.sampling.greedy:
+                    row.generator = make_generator(request.sampling.seed, self.device)
+                self._running.append(row)
+
+    def _acquire_slot(self, row: _Row) -> int | None:
+        adapter = row.request.adapter
+        if adapter is None:
+            return NO_ADAPTER
+        if isinstance(adapter, int):
+            return adapter
+        slot = adapter.try_acquire_slot()
+        row.bound = slot is not None
+        return slot
+
+    def _plan(self) -> tuple[list[_Row], StepInput]:
+        budget = self.config.max_num_batched_tokens
+        rows: list[_Row] = []
+        segments: list[Segment] = []
+        ids: list[int] = []
+        logit_rows: list[int] = []
+        decoding = [r for r in self._running if not r.prefilling]
+        prefilling = [r for r in self._running if r.prefilling]
+        for row in decoding:
+            position = len(row.request.prompt_ids) + len(row.generated) - 1
+            logit_rows.append(len(segments))
+            segments.append(Segment(row.kv_row, len(ids), 1, position))
+            ids.append(row.generated[-1])
+            rows.append(row)
+        budget -= len(decoding)
+        for row in prefilling:
+            prompt = row.request.prompt_ids
+            n = min(len(prompt) - row.computed, self.config.prefill_chunk_size, budget)
+            if n <= 0:
+                break
+            if row.computed + n == len(prompt):
+                logit_rows.append(len(segments))
+            segments.append(Segment(row.kv_row, len(ids), n, row.computed))
+            ids.extend(prompt[row.computed : row.computed + n])
+            rows.append(row)
+            budget -= n
+        step = StepInput(torch.tensor(ids, device=self.device), segments, logit_rows)
+        return rows, step
+
+    def _advance(self, row: _Row, logits: torch.Tensor) -> None:
+        request = row.request
+        params = request.sampling
+        if request.record_logits:
+            row.logits.append(logits.detach().to("cpu", copy=True))
+        forced = request.forced_tokens
+        if forced is not None:
+            token = forced[len(row.generated)]
+        else:
+            seen = torch.tensor(request.prompt_ids + row.generated, device=logits.device) \
+                if params.repetition_penalty != 1.0 else torch.empty(0, dtype=torch.long)
+            token = choose_token(logits, params, seen, row.generator)
+        if row.first_token_at is None:
+            row.first_token_at = time.monotonic()
+        row.generated.append(token)
+        assert row.detok is not None
+        reason: FinishReason | None = None
+        if token in self.eos_ids:
+            reason = FinishReason.EOS
+        else:
+            row.pending_ids.append(token)
+            text = row.detok.add(token)
+            if row.detok.stopped:
+                reason = FinishReason.STOP
+            if text:
+                row.handle.emit(TokenChunk(text, tuple(row.pending_ids)))
+                row.pending_ids.clear()
+        if reason is None and (
+            len(row.generated) >= params.max_new_tokens
+            or (forced is not None and len(row.generated) >= len(forced))
+        ):
+            reason = FinishReason.LENGTH
+        if reason is not None:
+            self._finish(row, reason)
+
+    def _finish(self, row: _Row, reason: FinishReason, error: str | None = None) -> None:
+        """End a row however it ends: flush text, free its KV row and adapter, emit result."""
+        if row in self._running:
+            self._running.remove(row)
+        if row.kv_row >= 0:
+            self.cache.release(row.kv_row)
+            row.kv_row = -1
+        if row.bound:
+            row.bound = False
+            binding = row.request.adapter
+            assert binding is not None and not isinstance(binding, int)
+            binding.release()
+        if row.detok is not None and reason in (FinishReason.EOS, FinishReason.LENGTH):
+            tail = row.detok.finish()
+            if tail or row.pending_ids:
+                row.handle.emit(TokenChunk(tail, tuple(row.pending_ids)))
+        now = time.monotonic()
+        request = row.request
+        row.handle.emit(GenerationResult(
+            request_id=request.request_id,
+            text=row.detok.text if row.detok else "",
+            token_ids=tuple(row.generated),
+            finish_reason=reason,
+            prompt_tokens=len(request.prompt_ids),
+            completion_tokens=len(row.generated),
+            queue_time_s=(row.admitted_at or now) - row.submitted_at,
+            time_to_first_token_s=(row.first_token_at - row.submitted_at)
+            if row.first_token_at else None,
+            total_time_s=now - row.submitted_at,
+            logits=row.logits if request.record_logits else None,
+            error=error,
+        ))
+
+    def _abort_all(self, message: str) -> None:
+        with self._cond:
+            rows = list(self._waiting) + list(self._running)
+            self._waiting.clear()
+        for row in rows:
+            self._finish(row, FinishReason.ERROR, error=message)
+
+
+def _ended(row: _Row, now: float) -> FinishReason | None:
+    if row.handle.cancelled:
+        return FinishReason.CANCELLED
+    deadline = row.request.deadline
+    if deadline is not None and now >= deadline:
+        return FinishReason.DEADLINE
+    return None
+
+
+def _eos_ids(model: torch.nn.Module, tokenizer) -> frozenset[int]:
+    ids: set[int] = set()
+    for source in (getattr(model, "generation_config", None), model.config, tokenizer):
+        value = getattr(source, "eos_token_id", None)
+        if isinstance(value, int):
+            ids.add(value)
+        elif isinstance(value, list | tuple):
+            ids.update(int(v) for v in value)
+    return frozenset(ids)

@@ -1,0 +1,234 @@
+"""Batched multi-LoRA linear layers and the slot API that loads adapters into them.
+
+Every targeted base linear (``q_proj`` ... ``down_proj``) is wrapped in a
+:class:`MultiLoraLinear` holding preallocated stacks for ``num_slots`` adapters. A
+forward pass carries, per token, the slot of its row (or none) and the row's
+``weight_scale``; requests for different adapters and scales share one batch and the
+base weights are never modified.
+
+Layout, and why it differs from the design card's ``[slots, r_max, in]``: the stacks
+are rank-major, ``A: [r_max, slots, in]`` and ``B^T: [r_max, slots, out]``. Then the
+first ``r`` ranks of *every* slot form one contiguous block, so with ``r_eff`` = the
+largest rank currently loaded, ``A[:r_eff]`` flattens to ``[r_eff * slots, in]`` as a
+view and the whole LoRA term is two dense GEMMs over all slots at once (a "dense
+BGMV"). On a CPU the decode step is bound by memory traffic, so reading
+``r_eff`` rather than ``r_max`` ranks matters, and a handful of large GEMMs beat a
+gather or a loop over slots, whose per-op overhead dominates at decode batch sizes.
+Columns of slots a token does not use are zeroed by a per-step mask; each adapter's
+scaling (``alpha / r``) is folded into ``A`` when its slot is loaded.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from server.engine.peft_adapter import PeftAdapter
+from server.errors import AdapterIncompatible, InvalidRequest
+
+NO_ADAPTER = -1
+
+
+class LoraStepState:
+    """Per-step routing shared by all wrapped layers of one model.
+
+    ``mask`` is ``[num_tokens, r_eff * num_slots]`` (rank-major, like the stacks): for a
+    token whose row uses slot ``s`` with scale ``c``, column ``r * num_slots + s`` holds
+    ``c`` for every ``r < r_eff``; all else is 0. ``mask is None`` means no token in this
+    step uses an adapter (pure base forward). ``rank`` is ``r_eff``.
+    """
+
+    def __init__(self) -> None:
+        self.mask: torch.Tensor | None = None
+        self.rank = 0
+
+
+class MultiLoraLinear(nn.Module):
+    """``y = base(x) + ((x A^T) * mask) B`` over a packed batch of tokens ``[tokens, in]``.
+
+    Semantics (the reference loop this must equal), for token ``t`` of a row with slot
+    ``s_t`` and scale ``c_t``::
+
+        y[t] = base(x[t])
+        if s_t != -1:
+            y[t] += c_t * scaling[s_t] * B[s_t] @ (A[s_t] @ x[t])
+
+    where ``A[s]`` is ``[r_s, in]``, ``B[s]`` is ``[out, r_s]`` (zero-padded to
+    ``r_max``) and ``scaling[s]`` is ``alpha_s / r_s`` (``/ sqrt(r_s)`` with rsLoRA).
+    """
+
+    lora_a: torch.Tensor
+    lora_b_t: torch.Tensor
+
+    def __init__(self, base: nn.Module, num_slots: int, r_max: int, state: LoraStepState):
+        super().__init__()
+        self.base = base
+        self.in_features = int(base.in_features)  # type: ignore[arg-type]
+        self.out_features = int(base.out_features)  # type: ignore[arg-type]
+        self.num_slots = num_slots
+        self.state = state
+        dtype = _compute_dtype(base)
+        device = next(base.parameters()).device
+        # [r_max, slots, in]; scaling folded in at load time
+        self.register_buffer("lora_a", torch.zeros(r_max, num_slots, self.in_features,
+                                                   dtype=dtype, device=device))
+        # [r_max, slots, out]: B transposed, rank-major
+        self.register_buffer("lora_b_t", torch.zeros(r_max, num_slots, self.out_features,
+                                                     dtype=dtype, device=device))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: [tokens, in]
+        y = self.base(x)  # [tokens, out]
+        mask = self.state.mask
+        if mask is None:
+            return y
+        rows = self.state.rank * self.num_slots
+        a = self.lora_a[: self.state.rank].view(rows, self.in_features)  # [r_eff*slots, in]
+        b = self.lora_b_t[: self.state.rank].view(rows, self.out_features)  # [r_eff*slots, out]
+        h = torch.matmul(x.to(a.dtype), a.t())  # [tokens, r_eff*slots]
+        h.mul_(mask)
+        if y.dtype == h.dtype:
+            return y.addmm_(h, b)
+        return y + (h @ b).to(y.dtype)
+
+    @torch.no_grad()
+    def load_slot(self, slot: int, a: torch.Tensor, b: torch.Tensor, scaling: float) -> None:
+        """Copy one adapter's ``A [r, in]``, ``B [out, r]`` into ``slot`` (zero-padded)."""
+        rank = a.shape[0]
+        self.clear_slot(slot)
+        self.lora_a[:rank, slot].copy_(a.to(torch.float32) * scaling)
+        self.lora_b_t[:rank, slot].copy_(b.t())
+
+    @torch.no_grad()
+    def clear_slot(self, slot: int) -> None:
+        self.lora_a[:, slot].zero_()
+        self.lora_b_t[:, slot].zero_()
+
+
+def _compute_dtype(base: nn.Module) -> torch.dtype:
+    # bitsandbytes layers store packed uint8/int8 weights; LoRA runs in the compute dtype.
+    compute = getattr(base, "compute_dtype", None)
+    if isinstance(compute, torch.dtype):
+        return compute
+    weight = getattr(base, "weight", None)
+    if weight is not None and weight.dtype.is_floating_point:
+        return weight.dtype
+    return torch.float32
+
+
+@dataclass(frozen=True)
+class SlotInfo:
+    slot: int
+    adapter: str | None
+    rank: int
+
+
+class LoraSlots:
+    """The slot API the adapter cache drives: load into a slot, clear it, list free ones.
+
+    Loading is ``copy_`` into the preallocated stacks of every wrapped layer; a module
+    the adapter does not target stays zero for that slot.
+    """
+
+    def __init__(self, layers: dict[str, MultiLoraLinear], state: LoraStepState,
+                 num_slots: int, r_max: int) -> None:
+        self.layers = layers
+        self.state = state
+        self.num_slots = num_slots
+        self.r_max = r_max
+        self._names: list[str | None] = [None] * num_slots
+        self._ranks = [0] * num_slots
+
+    def check_compatible(self, adapter: PeftAdapter) -> None:
+        """Raise :class:`AdapterIncompatible` naming the first thing that does not fit."""
+        if adapter.rank > self.r_max:
+            raise AdapterIncompatible(
+                f"{adapter.path.name}: rank {adapter.rank} exceeds max_lora_rank {self.r_max}"
+            )
+        for name, module in adapter.modules.items():
+            layer = self.layers.get(name)
+            if layer is None:
+                raise AdapterIncompatible(
+                    f"{adapter.path.name}: targets '{name}', which this base does not serve "
+                    f"(served: {', '.join(sorted({n.rsplit('.', 1)[-1] for n in self.layers}))})"
+                )
+            expected_a = (module.rank, layer.in_features)
+            expected_b = (layer.out_features, module.rank)
+            if tuple(module.a.shape) != expected_a or tuple(module.b.shape) != expected_b:
+                raise AdapterIncompatible(
+                    f"{adapter.path.name}: '{name}' has A{tuple(module.a.shape)} "
+                    f"B{tuple(module.b.shape)}, base needs A{expected_a} B{expected_b}"
+                )
+
+    def load(self, slot: int, name: str, adapter: PeftAdapter) -> None:
+        self._check_slot(slot)
+        self.check_compatible(adapter)
+        for module_name, layer in self.layers.items():
+            module = adapter.modules.get(module_name)
+            if module is None:
+                layer.clear_slot(slot)
+            else:
+                layer.load_slot(slot, module.a, module.b, module.scaling)
+        self._names[slot] = name
+        self._ranks[slot] = adapter.rank
+
+    def clear(self, slot: int) -> None:
+        self._check_slot(slot)
+        for layer in self.layers.values():
+            layer.clear_slot(slot)
+        self._names[slot] = None
+        self._ranks[slot] = 0
+
+    def free_slots(self) -> list[int]:
+        return [slot for slot, name in enumerate(self._names) if name is None]
+
+    def is_loaded(self, slot: int) -> bool:
+        return 0 <= slot < self.num_slots and self._names[slot] is not None
+
+    def slots(self) -> list[SlotInfo]:
+        return [SlotInfo(s, self._names[s], self._ranks[s]) for s in range(self.num_slots)]
+
+    def _check_slot(self, slot: int) -> None:
+        if not 0 <= slot < self.num_slots:
+            raise InvalidRequest(f"unknown adapter slot {slot} (slots: 0..{self.num_slots - 1})")
+
+    def set_step(self, token_slots: torch.Tensor, token_scales: torch.Tensor) -> None:
+        """Build the per-step mask from per-token slots ``[tokens]`` and scales ``[tokens]``."""
+        used = token_slots != NO_ADAPTER
+        if not bool(used.any()):
+            self.state.mask = None
+            return
+        rank = max(self._ranks)
+        dtype = next(iter(self.layers.values())).lora_a.dtype
+        num_tokens = token_slots.shape[0]
+        per_slot = torch.zeros(num_tokens, self.num_slots, dtype=dtype,
+                               device=token_slots.device)  # [tokens, slots]
+        rows = torch.nonzero(used).squeeze(1)
+        per_slot[rows, token_slots[rows]] = token_scales[rows].to(dtype)
+        # rank-major columns: [tokens, r_eff, slots] -> [tokens, r_eff * slots]
+        self.state.mask = per_slot.unsqueeze(1).expand(num_tokens, rank, self.num_slots) \
+            .reshape(num_tokens, rank * self.num_slots)
+        self.state.rank = rank
+
+    def clear_step(self) -> None:
+        self.state.mask = None
+
+
+def attach_multi_lora(model: nn.Module, target_modules: Iterable[str], num_slots: int,
+                      r_max: int) -> LoraSlots:
+    """Wrap every linear of ``model`` whose last name is in ``target_modules``."""
+    targets = set(target_modules)
+    state = LoraStepState()
+    wrapped: dict[str, MultiLoraLinear] = {}
+    for name, module in list(model.named_modules()):
+        for child_name, child in list(module.named_children()):
+            if child_name in targets and not isinstance(child, MultiLoraLinear):
+                full = f"{name}.{child_name}" if name else child_name
+                layer = MultiLoraLinear(child, num_slots, r_max, state)
+                setattr(module, child_name, layer)
+                wrapped[full] = layer
+    if not wrapped:
+        raise AdapterIncompatible(f"no module of the base model is named {sorted(targets)}")
+    return LoraSlots(wrapped, state, num_slots, r_max)

@@ -1,0 +1,137 @@
+"""Per-row sampling: repetition penalty, temperature, top-k, top-p, seeded draws.
+
+Each row of a batch carries its own settings and its own ``torch.Generator``, so a
+request's output depends on its seed alone, never on who shares the batch. The logit
+transforms follow transformers' processors exactly (and are tested against them), in
+the order ``generate`` applies them: repetition penalty, temperature, top-k, top-p.
+``temperature == 0`` means greedy (argmax after the repetition penalty).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from server.errors import InvalidRequest
+
+MAX_STOP_STRINGS = 16
+MAX_STOP_BYTES = 256
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    max_new_tokens: int = 64
+    temperature: float = 0.0
+    """0 is greedy; otherwise logits are divided by it before sampling."""
+    top_p: float = 1.0
+    """Nucleus sampling: keep the smallest set of tokens whose probability reaches top_p."""
+    top_k: int = 0
+    """Keep the k most likely tokens; 0 turns it off."""
+    repetition_penalty: float = 1.0
+    """> 1 discourages tokens already in the prompt or output (CTRL-style, as transformers)."""
+    seed: int | None = None
+    """Same seed, same prompt, same settings: same output."""
+    stop: tuple[str, ...] = ()
+    """Generation ends before the first occurrence of any of these; excluded from output."""
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+    def validate(self, max_new_tokens_limit: int) -> None:
+        """Raise :class:`InvalidRequest` naming the first field out of range."""
+        if isinstance(self.max_new_tokens, bool) or not isinstance(self.max_new_tokens, int):
+            raise InvalidRequest("max_new_tokens must be an integer")
+        if self.max_new_tokens <= 0:
+            raise InvalidRequest(f"max_new_tokens must be > 0, got {self.max_new_tokens}")
+        if self.max_new_tokens > max_new_tokens_limit:
+            raise InvalidRequest(
+                f"max_new_tokens {self.max_new_tokens} exceeds the limit {max_new_tokens_limit}"
+            )
+        if not math.isfinite(self.temperature) or self.temperature < 0:
+            raise InvalidRequest(
+                f"temperature must be a finite number >= 0, got {self.temperature}"
+            )
+        if not math.isfinite(self.top_p) or not 0 < self.top_p <= 1:
+            raise InvalidRequest(f"top_p must be in (0, 1], got {self.top_p}")
+        if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 0:
+            raise InvalidRequest(f"top_k must be an integer >= 0, got {self.top_k}")
+        if not math.isfinite(self.repetition_penalty) or self.repetition_penalty <= 0:
+            raise InvalidRequest(
+                f"repetition_penalty must be a finite number > 0, got {self.repetition_penalty}"
+            )
+        if len(self.stop) > MAX_STOP_STRINGS:
+            raise InvalidRequest(
+                f"at most {MAX_STOP_STRINGS} stop strings are allowed, got {len(self.stop)}"
+            )
+        for stop in self.stop:
+            if not isinstance(stop, str) or not stop:
+                raise InvalidRequest("stop strings must be non-empty strings")
+            if len(stop.encode("utf-8")) > MAX_STOP_BYTES:
+                raise InvalidRequest(
+                    f"stop string of {len(stop.encode('utf-8'))} bytes exceeds {MAX_STOP_BYTES}"
+                )
+
+
+def apply_repetition_penalty(
+    logits: torch.Tensor, seen: torch.Tensor, penalty: float
+) -> torch.Tensor:
+    """logits ``[vocab]``; seen ``[n]`` token ids (prompt + output). Returns new logits."""
+    if penalty == 1.0 or seen.numel() == 0:
+        return logits
+    score = logits.gather(0, seen)
+    score = torch.where(score < 0, score * penalty, score / penalty)
+    return logits.scatter(0, seen, score)
+
+
+def apply_top_k(logits: torch.Tensor, top_k: int) -> torch.Tensor:
+    if top_k <= 0 or top_k >= logits.shape[-1]:
+        return logits
+    threshold = torch.topk(logits, top_k).values[..., -1, None]
+    return logits.masked_fill(logits < threshold, -math.inf)
+
+
+def apply_top_p(logits: torch.Tensor, top_p: float) -> torch.Tensor:
+    if top_p >= 1.0:
+        return logits
+    sorted_logits, sorted_indices = torch.sort(logits, descending=False)
+    cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
+    remove_sorted = cumulative <= (1 - top_p)
+    remove_sorted[..., -1:] = False  # always keep the most likely token
+    remove = remove_sorted.scatter(-1, sorted_indices, remove_sorted)
+    return logits.masked_fill(remove, -math.inf)
+
+
+def process_logits(
+    logits: torch.Tensor, params: SamplingParams, seen: torch.Tensor
+) -> torch.Tensor:
+    """The row's logits ``[vocab]`` after penalty and, unless greedy, temperature/top-k/top-p."""
+    logits = apply_repetition_penalty(logits.float(), seen, params.repetition_penalty)
+    if params.greedy:
+        return logits
+    logits = logits / params.temperature
+    logits = apply_top_k(logits, params.top_k)
+    return apply_top_p(logits, params.top_p)
+
+
+def choose_token(
+    logits: torch.Tensor, params: SamplingParams, seen: torch.Tensor,
+    generator: torch.Generator | None,
+) -> int:
+    """One token for one row from its logits ``[vocab]``."""
+    processed = process_logits(logits, params, seen)
+    if params.greedy:
+        return int(torch.argmax(processed))
+    probs = processed.softmax(dim=-1)
+    return int(torch.multinomial(probs, 1, generator=generator))
+
+
+def make_generator(seed: int | None, device: torch.device) -> torch.Generator:
+    generator = torch.Generator(device=device)
+    if seed is None:
+        generator.seed()
+    else:
+        generator.manual_seed(seed)
+    return generator

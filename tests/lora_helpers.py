@@ -1,0 +1,101 @@
+"""Real PEFT adapters with random weights, and PEFT as the oracle for LoRA outputs.
+
+Adapters are made with PEFT itself (``init_lora_weights=False``, then B ~ N(0, std)),
+saved in the PEFT format, and read back by Switchboard like any trained adapter.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+from peft.tuners.lora import LoraLayer
+from transformers import AutoModelForCausalLM
+
+ALL_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def make_random_adapter(
+    base: torch.nn.Module | str | Path,
+    out_dir: Path,
+    rank: int,
+    targets: Sequence[str],
+    seed: int,
+    b_std: float = 0.02,
+    alpha: float | None = None,
+    use_rslora: bool = False,
+) -> Path:
+    """Save a PEFT LoRA adapter whose A and B are both random (so it changes outputs)."""
+    model = (
+        AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+        if isinstance(base, str | Path) else base
+    )
+    config = LoraConfig(
+        r=rank, lora_alpha=alpha if alpha is not None else 2 * rank, lora_dropout=0.0,
+        target_modules=list(targets), init_lora_weights=False, use_rslora=use_rslora,
+    )
+    torch.manual_seed(seed)
+    peft_model = get_peft_model(model, config)
+    with torch.no_grad():
+        for name, param in peft_model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0.0, b_std)
+    peft_model.save_pretrained(out_dir)
+    peft_model.unload()  # restore the base modules if the caller passed a model object
+    return out_dir
+
+
+@dataclass(frozen=True)
+class OracleRun:
+    tokens: list[int]
+    logits: list[torch.Tensor]  # one [vocab] per generated token
+
+    def margins(self) -> list[float]:
+        """Top-1 minus top-2 logit at each step (small: greedy choice is fragile)."""
+        return [float(v[0] - v[1]) for v in (torch.topk(x, 2).values for x in self.logits)]
+
+
+class PeftOracle:
+    """One PEFT model holding several adapters; runs one request alone, as PEFT would."""
+
+    def __init__(self, base_model: torch.nn.Module, adapters: dict[str, Path]) -> None:
+        names = list(adapters)
+        first = names[0]
+        self.model = PeftModel.from_pretrained(base_model, adapters[first], adapter_name=first)
+        for name in names[1:]:
+            self.model.load_adapter(adapters[name], adapter_name=name)
+        self.model.eval()
+
+    def _set(self, adapter: str, scale: float) -> None:
+        self.model.set_adapter(adapter)
+        for module in self.model.modules():
+            if isinstance(module, LoraLayer):
+                module.set_scale(adapter, scale)
+
+    @torch.no_grad()
+    def greedy(self, prompt: list[int], adapter: str | None, scale: float, max_new_tokens: int
+               ) -> OracleRun:
+        ids = torch.tensor([prompt], device=self.model.device)
+        kwargs = dict(max_new_tokens=max_new_tokens, do_sample=False, output_logits=True,
+                      return_dict_in_generate=True, pad_token_id=0)
+        if adapter is None:
+            with self.model.disable_adapter():
+                out = self.model.generate(input_ids=ids, **kwargs)
+        else:
+            self._set(adapter, scale)
+            out = self.model.generate(input_ids=ids, **kwargs)
+        tokens = out.sequences[0, len(prompt):].tolist()
+        return OracleRun(tokens, [x[0].float().cpu() for x in out.logits])
+
+    @torch.no_grad()
+    def logits(self, prompt: list[int], adapter: str | None, scale: float) -> torch.Tensor:
+        """Last-position logits for ``prompt``."""
+        ids = torch.tensor([prompt], device=self.model.device)
+        if adapter is None:
+            with self.model.disable_adapter():
+                return self.model(input_ids=ids).logits[0, -1].float().cpu()
+        self._set(adapter, scale)
+        return self.model(input_ids=ids).logits[0, -1].float().cpu()

@@ -1,0 +1,159 @@
+"""Batched multi-LoRA outputs equal PEFT running each adapter alone (the oracle).
+
+One batch mixes base-only rows and adapters of ranks 4, 8 and 16 (q,v only and all
+seven targets) at scales 0, 0.5, 1 and 1.5. Teacher-forced along PEFT's greedy path,
+every step's logits must match; free-running greedy tokens must be identical except
+after a step where PEFT's own top-2 margin is under 1e-3 (a coin flip in fp32).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from server.basemodel import LoadedBaseModel, load_base_model
+from server.engine.config import EngineConfig
+from server.engine.engine import Engine
+from server.engine.peft_adapter import read_peft_adapter
+from server.engine.request import GenerationRequest
+from server.engine.sampling import SamplingParams
+from tests.lora_helpers import ALL_TARGETS, PeftOracle, make_random_adapter
+
+ADAPTER_SPECS = {  # name: (rank, targets)
+    "r4_qv": (4, ("q_proj", "v_proj")),
+    "r8_all": (8, ALL_TARGETS),
+    "r16_all": (16, ALL_TARGETS),
+}
+# (adapter or None for the base, weight_scale, prompt index)
+CASES = [
+    (None, 1.0, 0),
+    ("r4_qv", 0.0, 0),  # scale 0 must equal the base row above exactly
+    ("r4_qv", 0.5, 1),
+    ("r8_all", 1.0, 2),
+    ("r16_all", 1.5, 3),
+    ("r8_all", 0.5, 0),
+    ("r16_all", 1.0, 1),
+    ("r4_qv", 1.5, 2),
+    (None, 1.0, 3),
+]
+PROMPTS = [
+    "Translate Wu dialect to English: 侬今朝吃饭伐?\n",
+    "The weather in Shanghai today is",
+    "Translate Cantonese to English: 你食咗飯未呀?\n",
+    "Order number 4471 was delivered to",
+]
+MARGIN = 1e-3
+
+
+def make_adapters(base_dir: Path, out: Path, b_std: float) -> dict[str, Path]:
+    return {
+        name: make_random_adapter(base_dir, out / name, rank, targets, seed=i, b_std=b_std)
+        for i, (name, (rank, targets)) in enumerate(ADAPTER_SPECS.items())
+    }
+
+
+def run_oracle(
+    served: LoadedBaseModel, oracle_base: torch.nn.Module, adapters: dict[str, Path],
+    tolerance: float, max_new_tokens: int,
+) -> dict[str, float]:
+    tokenizer = served.tokenizer
+    prompts = [tokenizer.encode(p, add_special_tokens=False) for p in PROMPTS]
+    oracle = PeftOracle(oracle_base, adapters)
+
+    # The adapters really change the output, and differ from each other.
+    base_logits = oracle.logits(prompts[0], None, 1.0)
+    adapted = {name: oracle.logits(prompts[0], name, 1.0) for name in adapters}
+    for name, logits in adapted.items():
+        assert (logits - base_logits).abs().max() >= 0.1, f"{name} barely changes the base"
+    names = list(adapted)
+    for i, a in enumerate(names):
+        for b in names[i + 1 :]:
+            assert (adapted[a] - adapted[b]).abs().max() >= 0.1, f"{a} and {b} are alike"
+
+    refs = [oracle.greedy(prompts[p], name, scale, max_new_tokens) for name, scale, p in CASES]
+
+    engine = Engine(served.model, tokenizer, EngineConfig(
+        max_batch_size=len(CASES), max_model_len=128, max_loras=4, max_lora_rank=16,
+    ))
+    try:
+        slot_of = {}
+        for slot, (name, path) in enumerate(adapters.items()):
+            engine.slots.load(slot, name, read_peft_adapter(path))
+            slot_of[name] = slot
+
+        def request(case_index: int, forced: list[int] | None) -> GenerationRequest:
+            name, scale, p = CASES[case_index]
+            return GenerationRequest(
+                prompts[p], SamplingParams(max_new_tokens=max_new_tokens),
+                adapter=None if name is None else slot_of[name], weight_scale=scale,
+                forced_tokens=forced, record_logits=True,
+            )
+
+        # Teacher-forced along PEFT's greedy path, all cases in one batch.
+        handles = [engine.submit(request(i, refs[i].tokens)) for i in range(len(CASES))]
+        forced = [h.result(timeout=600) for h in handles]
+        worst = 0.0
+        for ref, res in zip(refs, forced, strict=True):
+            assert res.token_ids == tuple(ref.tokens)
+            assert res.logits is not None and len(res.logits) == len(ref.logits)
+            for ours, theirs in zip(res.logits, ref.logits, strict=True):
+                worst = max(worst, float((ours - theirs).abs().max()))
+        assert worst <= tolerance, f"max |Δlogit| {worst:.2e} > {tolerance:.0e}"
+        # Scale 0 is the base model (up to GEMM rounding at another batch position).
+        scale0 = max(float((a - b).abs().max())
+                     for a, b in zip(forced[0].logits, forced[1].logits, strict=True))
+        assert scale0 <= 1e-5, f"scale 0 differs from the base row by {scale0:.2e}"
+
+        # Free-running greedy in one batch: same tokens unless PEFT's choice was fragile.
+        handles = [engine.submit(request(i, None)) for i in range(len(CASES))]
+        fragile = 0
+        for ref, handle in zip(refs, handles, strict=True):
+            ours = handle.result(timeout=600).token_ids
+            margins = ref.margins()
+            for step, (a, b) in enumerate(zip(ours, ref.tokens, strict=False)):
+                if a != b:
+                    assert margins[step] < MARGIN, f"diverged at {step}, margin {margins[step]}"
+                    fragile += 1
+                    break
+            else:
+                assert len(ours) == len(ref.tokens)
+        return {"max_abs_logit_diff": worst, "scale0_vs_base": scale0,
+                "fragile_divergences": fragile}
+    finally:
+        engine.stop()
+
+
+def test_oracle_tiny_fp32(tiny_model_dir: Path, tmp_path: Path) -> None:
+    adapters = make_adapters(tiny_model_dir, tmp_path, b_std=0.5)
+    served = load_base_model(tiny_model_dir, dtype="float32")
+    oracle_base = load_base_model(tiny_model_dir, dtype="float32").model
+    stats = run_oracle(served, oracle_base, adapters, tolerance=1e-4, max_new_tokens=8)
+    print("tiny fp32 oracle:", stats)
+
+
+def test_oracle_tiny_nf4(tiny_model_dir: Path, tmp_path: Path) -> None:
+    adapters = make_adapters(tiny_model_dir, tmp_path, b_std=0.5)
+    served = load_base_model(tiny_model_dir, dtype="float32", quantize="nf4")
+    oracle_base = load_base_model(tiny_model_dir, dtype="float32", quantize="nf4").model
+    stats = run_oracle(served, oracle_base, adapters, tolerance=2e-3, max_new_tokens=8)
+    print("tiny nf4 oracle:", stats)
+
+
+def test_oracle_default_fp32(default_model: LoadedBaseModel, tmp_path: Path) -> None:
+    adapters = make_adapters(Path(default_model.info.model_path), tmp_path, b_std=0.02)
+    served = load_base_model("default", dtype="float32")
+    stats = run_oracle(served, default_model.model, adapters, tolerance=1e-3, max_new_tokens=8)
+    print("default fp32 oracle:", stats)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("quantize", ["none", "nf4"])
+def test_oracle_default_cuda(quantize: str, tmp_path: Path) -> None:
+    served = load_base_model("default", device="cuda", quantize=quantize)
+    adapters = make_adapters(Path(served.info.model_path), tmp_path, b_std=0.02)
+    oracle_base = load_base_model("default", device="cuda", quantize=quantize).model
+    # bf16 rounding differs between the batched and per-request paths: looser bound.
+    stats = run_oracle(served, oracle_base, adapters, tolerance=0.25, max_new_tokens=8)
+    print(f"default cuda bf16 {quantize} oracle:", stats)
