@@ -112,6 +112,7 @@ class Engine:
         """Called with the step number before each forward; an exception it raises ends
         the rows of that step with an error (tests inject faults through it)."""
         self.steps = 0
+        self.admission_rounds = 0
         self._waiting: deque[_Row] = deque()
         self._running: list[_Row] = []
         self._cond = threading.Condition()
@@ -159,12 +160,14 @@ class Engine:
             self._thread.join(timeout)
 
     def stats(self) -> dict[str, int]:
+        """Gauges for introspection and tests; all zero-leak checks read these."""
         with self._cond:
             return {
                 "running": len(self._running),
                 "waiting": len(self._waiting),
                 "free_kv_rows": self.cache.free_rows,
                 "steps": self.steps,
+                "admission_rounds": self.admission_rounds,
             }
 
     # -- validation -------------------------------------------------------------------------
@@ -278,6 +281,7 @@ class Engine:
 
     def _admit(self, now: float) -> None:
         with self._cond:
+            self.admission_rounds += 1
             for row in list(self._waiting):
                 if len(self._running) >= self.config.max_batch_size or not self.cache.free_rows:
                     return
