@@ -20,7 +20,11 @@ def _stream(tokenizer, text: str, stop: tuple[str, ...] = ()) -> tuple[list[str]
 
 @pytest.mark.parametrize(
     "text",
-    ["侬今朝吃饭伐？阿拉去外滩白相。", "你食咗飯未呀？我哋聽日喺銅鑼灣見。", "Order 4471 → 上海 ✓ done 🙂"],
+    [
+        "侬今朝吃饭伐？阿拉去外滩白相。",
+        "你食咗飯未呀？我哋聽日喺銅鑼灣見。",
+        "Order 4471 → 上海 ✓ done 🙂",
+    ],
 )
 def test_multibyte_characters_are_never_split(tokenizer, text: str) -> None:
     # These characters span several byte-level tokens each.
