@@ -9,7 +9,7 @@ PIP := $(BIN)/python -m pip --quiet --disable-pip-version-check
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: help setup test test-slow lint typecheck clean-venv
+.PHONY: help setup test test-slow lint typecheck bench clean-venv
 
 help:
 	@echo "make setup      create .venv, install torch (CPU wheel), the project and the base model"
@@ -17,6 +17,7 @@ help:
 	@echo "make test-slow  the slow tier (run by .ci/run after make test)"
 	@echo "make lint       ruff check"
 	@echo "make typecheck  mypy"
+	@echo "make bench      benchmarks (bench/results/*.json)"
 
 # The stamp makes setup a no-op until pyproject.toml or constraints.txt change.
 $(STAMP): pyproject.toml constraints.txt
@@ -49,3 +50,7 @@ typecheck: setup
 
 clean-venv:
 	rm -rf $(VENV)
+
+# Benchmarks are scripts, not timed tests; each writes bench/results/<area>.json.
+bench: setup
+	$(BIN)/python -m bench.engine_bench

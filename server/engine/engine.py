@@ -34,7 +34,7 @@ from server.engine.config import EngineConfig
 from server.engine.detokenizer import IncrementalDetokenizer
 from server.engine.forward import BatchedLlama, Segment, StepInput
 from server.engine.kv_cache import SlottedKVCache
-from server.engine.multi_lora import NO_ADAPTER, LoraSlots, attach_multi_lora
+from server.engine.multi_lora import NO_ADAPTER, LoraSegment, LoraSlots, attach_multi_lora
 from server.engine.request import (
     FinishReason,
     GenerationRequest,
@@ -234,16 +234,10 @@ class Engine:
         try:
             if self.fault_hook is not None:
                 self.fault_hook(step_no)
-            token_slots = torch.tensor(
-                [r.slot for r, s in zip(rows, step.segments, strict=True) for _ in range(s.length)],
-                device=self.device,
-            )
-            token_scales = torch.tensor(
-                [r.request.weight_scale for r, s in zip(rows, step.segments, strict=True)
-                 for _ in range(s.length)],
-                device=self.device,
-            )
-            self.slots.set_step(token_slots, token_scales)
+            self.slots.set_step([
+                LoraSegment(s.start, s.start + s.length, r.slot, float(r.request.weight_scale))
+                for r, s in zip(rows, step.segments, strict=True)
+            ])
             logits = self.runner.forward(step)
         except Exception as exc:
             log.exception("engine step %d failed; ending its %d rows", step_no, len(rows))
@@ -356,7 +350,7 @@ class Engine:
         row.generated.append(token)
         assert row.detok is not None
         reason: FinishReason | None = None
-        if token in self.eos_ids:
+        if token in self.eos_ids and not params.ignore_eos:
             reason = FinishReason.EOS
         else:
             row.pending_ids.append(token)

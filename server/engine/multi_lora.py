@@ -14,8 +14,10 @@ view and the whole LoRA term is two dense GEMMs over all slots at once (a "dense
 BGMV"). On a CPU the decode step is bound by memory traffic, so reading
 ``r_eff`` rather than ``r_max`` ranks matters, and a handful of large GEMMs beat a
 gather or a loop over slots, whose per-op overhead dominates at decode batch sizes.
-Columns of slots a token does not use are zeroed by a per-step mask; each adapter's
-scaling (``alpha / r``) is folded into ``A`` when its slot is loaded.
+Columns of slots a token does not use are zeroed by a per-step mask. That dense path
+serves decode tokens; a prefill chunk (many tokens, one slot) is computed on its own
+slot's ranks only, since the dense path would multiply its FLOPs by ``num_slots``.
+Each adapter's scaling (``alpha / r``) is folded into ``A`` when its slot is loaded.
 """
 
 from __future__ import annotations
@@ -32,22 +34,45 @@ from server.errors import AdapterIncompatible, InvalidRequest
 NO_ADAPTER = -1
 
 
-class LoraStepState:
+@dataclass(frozen=True)
+class LoraSegment:
+    """A run of tokens of one row: ``[start, end)`` all use ``slot`` at ``scale``."""
+
+    start: int
+    end: int
+    slot: int
+    scale: float
+
+
+@dataclass(frozen=True)
+class LoraStep:
     """Per-step routing shared by all wrapped layers of one model.
 
-    ``mask`` is ``[num_tokens, r_eff * num_slots]`` (rank-major, like the stacks): for a
-    token whose row uses slot ``s`` with scale ``c``, column ``r * num_slots + s`` holds
-    ``c`` for every ``r < r_eff``; all else is 0. ``mask is None`` means no token in this
-    step uses an adapter (pure base forward). ``rank`` is ``r_eff``.
+    Decode tokens (one per row) go through the dense path: ``dense_mask`` is
+    ``[dense_tokens, rank * num_slots]`` (rank-major, like the stacks); for a token of
+    a row using slot ``s`` at scale ``c``, column ``r * num_slots + s`` holds ``c`` for
+    every ``r < rank`` and all else is 0. ``dense_index`` lists those tokens (None: they
+    are the first ``dense_mask.shape[0]`` tokens, a slice). Prefill chunks are long runs
+    of one slot, so each is a :class:`LoraSegment` computed on its own slot only: the
+    dense path would spend ``num_slots`` times the FLOPs on them.
     """
 
+    dense_mask: torch.Tensor | None
+    dense_index: torch.Tensor | None
+    rank: int
+    segments: tuple[LoraSegment, ...]
+    segment_ranks: tuple[int, ...]
+
+
+class LoraStepState:
+    """Holder of the current :class:`LoraStep`; None means a pure base forward."""
+
     def __init__(self) -> None:
-        self.mask: torch.Tensor | None = None
-        self.rank = 0
+        self.step: LoraStep | None = None
 
 
 class MultiLoraLinear(nn.Module):
-    """``y = base(x) + ((x A^T) * mask) B`` over a packed batch of tokens ``[tokens, in]``.
+    """A base linear plus every row's own LoRA term, over packed tokens ``[tokens, in]``.
 
     Semantics (the reference loop this must equal), for token ``t`` of a row with slot
     ``s_t`` and scale ``c_t``::
@@ -81,17 +106,27 @@ class MultiLoraLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: [tokens, in]
         y = self.base(x)  # [tokens, out]
-        mask = self.state.mask
-        if mask is None:
+        step = self.state.step
+        if step is None:
             return y
-        rows = self.state.rank * self.num_slots
-        a = self.lora_a[: self.state.rank].view(rows, self.in_features)  # [r_eff*slots, in]
-        b = self.lora_b_t[: self.state.rank].view(rows, self.out_features)  # [r_eff*slots, out]
-        h = torch.matmul(x.to(a.dtype), a.t())  # [tokens, r_eff*slots]
-        h.mul_(mask)
-        if y.dtype == h.dtype:
-            return y.addmm_(h, b)
-        return y + (h @ b).to(y.dtype)
+        if step.dense_mask is not None:
+            rows = step.rank * self.num_slots
+            a = self.lora_a[: step.rank].view(rows, self.in_features)  # [rank*slots, in]
+            b = self.lora_b_t[: step.rank].view(rows, self.out_features)  # [rank*slots, out]
+            count = step.dense_mask.shape[0]
+            xd = x[:count] if step.dense_index is None else x.index_select(0, step.dense_index)
+            h = torch.matmul(xd.to(a.dtype), a.t()).mul_(step.dense_mask)  # [dense, rank*slots]
+            delta = (h @ b).to(y.dtype)  # [dense, out]
+            if step.dense_index is None:
+                y[:count] += delta
+            else:
+                y.index_add_(0, step.dense_index, delta)
+        for seg, rank in zip(step.segments, step.segment_ranks, strict=True):
+            a_s = self.lora_a[:rank, seg.slot]  # [rank, in] (strided view)
+            b_s = self.lora_b_t[:rank, seg.slot]  # [rank, out]
+            h = torch.matmul(x[seg.start : seg.end].to(a_s.dtype), a_s.t())  # [n, rank]
+            y[seg.start : seg.end] += (torch.matmul(h, b_s) * seg.scale).to(y.dtype)
+        return y
 
     @torch.no_grad()
     def load_slot(self, slot: int, a: torch.Tensor, b: torch.Tensor, scaling: float) -> None:
@@ -194,26 +229,40 @@ class LoraSlots:
         if not 0 <= slot < self.num_slots:
             raise InvalidRequest(f"unknown adapter slot {slot} (slots: 0..{self.num_slots - 1})")
 
-    def set_step(self, token_slots: torch.Tensor, token_scales: torch.Tensor) -> None:
-        """Build the per-step mask from per-token slots ``[tokens]`` and scales ``[tokens]``."""
-        used = token_slots != NO_ADAPTER
-        if not bool(used.any()):
-            self.state.mask = None
+    def set_step(self, segments: list[LoraSegment]) -> None:
+        """Route this step: one :class:`LoraSegment` per row, in packed-token order.
+
+        Rows without an adapter (slot -1) are skipped; single-token rows (decoding) share
+        the dense path, longer ones (prefill chunks) get their own.
+        """
+        dense = [s for s in segments if s.slot != NO_ADAPTER and s.end - s.start == 1]
+        long = tuple(s for s in segments if s.slot != NO_ADAPTER and s.end - s.start > 1)
+        if not dense and not long:
+            self.state.step = None
             return
-        rank = max(self._ranks)
-        dtype = next(iter(self.layers.values())).lora_a.dtype
-        num_tokens = token_slots.shape[0]
-        per_slot = torch.zeros(num_tokens, self.num_slots, dtype=dtype,
-                               device=token_slots.device)  # [tokens, slots]
-        rows = torch.nonzero(used).squeeze(1)
-        per_slot[rows, token_slots[rows]] = token_scales[rows].to(dtype)
-        # rank-major columns: [tokens, r_eff, slots] -> [tokens, r_eff * slots]
-        self.state.mask = per_slot.unsqueeze(1).expand(num_tokens, rank, self.num_slots) \
-            .reshape(num_tokens, rank * self.num_slots)
-        self.state.rank = rank
+        mask = index = None
+        rank = max(self._ranks[s.slot] for s in dense) if dense else 0
+        if dense:
+            dtype = next(iter(self.layers.values())).lora_a.dtype
+            device = self.state_device
+            per_slot = torch.zeros(len(dense), self.num_slots, dtype=dtype)  # [dense, slots]
+            for i, seg in enumerate(dense):
+                per_slot[i, seg.slot] = seg.scale
+            # rank-major columns: [dense, rank, slots] -> [dense, rank * slots]
+            mask = per_slot.unsqueeze(1).expand(len(dense), rank, self.num_slots) \
+                .reshape(len(dense), rank * self.num_slots).to(device)
+            starts = [s.start for s in dense]
+            if starts != list(range(len(dense))):
+                index = torch.tensor(starts, device=device)
+        self.state.step = LoraStep(mask, index, rank, long,
+                                   tuple(self._ranks[s.slot] for s in long))
+
+    @property
+    def state_device(self) -> torch.device:
+        return next(iter(self.layers.values())).lora_a.device
 
     def clear_step(self) -> None:
-        self.state.mask = None
+        self.state.step = None
 
 
 def attach_multi_lora(model: nn.Module, target_modules: Iterable[str], num_slots: int,

@@ -35,6 +35,8 @@ class SamplingParams:
     """Same seed, same prompt, same settings: same output."""
     stop: tuple[str, ...] = ()
     """Generation ends before the first occurrence of any of these; excluded from output."""
+    ignore_eos: bool = False
+    """Keep generating past EOS until max_new_tokens (benchmarks: fixed output length)."""
 
     @property
     def greedy(self) -> bool:
