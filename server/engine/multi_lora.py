@@ -116,11 +116,12 @@ class MultiLoraLinear(nn.Module):
             count = step.dense_mask.shape[0]
             xd = x[:count] if step.dense_index is None else x.index_select(0, step.dense_index)
             h = torch.matmul(xd.to(a.dtype), a.t()).mul_(step.dense_mask)  # [dense, rank*slots]
-            delta = (h @ b).to(y.dtype)  # [dense, out]
-            if step.dense_index is None:
-                y[:count] += delta
+            if step.dense_index is None and y.dtype == h.dtype:
+                y[:count].addmm_(h, b)  # in place: no [dense, out] temporary
+            elif step.dense_index is None:
+                y[:count] += (h @ b).to(y.dtype)
             else:
-                y.index_add_(0, step.dense_index, delta)
+                y.index_add_(0, step.dense_index, (h @ b).to(y.dtype))
         for seg, rank in zip(step.segments, step.segment_ranks, strict=True):
             a_s = self.lora_a[:rank, seg.slot]  # [rank, in] (strided view)
             b_s = self.lora_b_t[:rank, seg.slot]  # [rank, out]
