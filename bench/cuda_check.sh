@@ -13,9 +13,9 @@ python3 -c "import torch, transformers, peft, bitsandbytes as b; print('torch', 
 'transformers', transformers.__version__, 'peft', peft.__version__, 'bnb', b.__version__)" \
     | tee -a "$OUT/gpu.txt"
 python3 -m bench.make_arch_model .device/model-arch /tmp/default-arch || exit 1
-SWITCHBOARD_TEST_CUDA_BASE=/tmp/default-arch timeout 200 python3 -m pytest -q -s -m gpu \
+[ -n "${SKIP_ORACLE:-}" ] || SWITCHBOARD_TEST_CUDA_BASE=/tmp/default-arch timeout 200 python3 -m pytest -q -s -m gpu \
     -p no:cacheprovider tests/test_engine_oracle.py 2>&1 | tee "$OUT/oracle.log" | tail -15
-for q in none nf4; do
+for q in ${QUANTIZE:-none nf4}; do
     timeout 170 python3 -m bench.engine_bench --source /tmp/default-arch --quantize $q \
         --suffix "_cuda_$q" 2>&1 | grep -v "it/s" | tail -12
     cp bench/results/engine_cuda_$q.json "$OUT/" 2>/dev/null

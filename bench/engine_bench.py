@@ -9,7 +9,8 @@ tokens each (EOS ignored so every setup does the same work), the default base mo
   (d) PEFT mixed batch: generate(adapter_names=...) as one static, padded batch
 
 plus the p50 time-to-first-token of requests arriving while a batch is decoding.
-All four run in one process, side by side, so the ratios are what to read.
+All four run in one process, side by side, after an untimed warm-up pass, so the
+ratios are what to read.
 
     python -m bench.engine_bench [--device auto] [--dtype float32] [--quantize none]
 """
@@ -163,8 +164,10 @@ def main() -> None:
     ))
     for slot, path in enumerate(adapters):
         engine.slots.load(slot, path.name, read_peft_adapter(path))
-    engine.generate(GenerationRequest(prompts[0], SamplingParams(max_new_tokens=4),
-                                      adapter=0))  # warm-up
+    # Warm-up: one untimed pass of the mixed workload, so neither timed run pays for
+    # first-use costs (allocator growth, kernel selection per shape on CUDA).
+    print("engine: warm-up pass ...", flush=True)
+    run_engine(engine, prompts, use_adapters=True)
     print("engine: base only ...", flush=True)
     base_only = run_engine(engine, prompts, use_adapters=False)
     print("engine: mixed adapters ...", flush=True)
