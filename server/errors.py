@@ -40,8 +40,6 @@ class UnsupportedArchitecture(SwitchboardError):
     """The base model is not a LLaMA-family model with the linear layers LoRA targets."""
 
 
-class ManifestError(SwitchboardError):
-    """A switchboard.json manifest is missing, unparsable or has a bad field."""
 
 
 class PromptTemplateError(SwitchboardError):
@@ -60,8 +58,60 @@ class AdapterNotFound(SwitchboardError):
     """No adapter of that name (or no adapter files at that path)."""
 
 
+class InvalidAdapterName(InvalidRequest):
+    """An adapter name is not a plain identifier ``[a-z0-9][a-z0-9_-]{0,63}``."""
+
+
 class AdapterIncompatible(SwitchboardError):
-    """An adapter cannot be applied to this base model (shapes, targets, rank, format)."""
+    """An adapter exists but is refused; each subclass is one reason, named in the message."""
+
+
+class ManifestError(AdapterIncompatible):
+    """A switchboard.json manifest is missing, unparsable or has a bad field."""
+
+
+class AdapterConfigError(AdapterIncompatible):
+    """adapter_config.json is missing, unparsable or not a LoRA config."""
+
+
+class AdapterPickleRefused(AdapterIncompatible):
+    """Weights come as pickle (.bin), which can run code when loaded."""
+
+
+class AdapterCorrupt(AdapterIncompatible):
+    """adapter_model.safetensors is missing, truncated or not valid safetensors."""
+
+
+class AdapterDigestMismatch(AdapterIncompatible):
+    """The weight files are not the ones whose sha256 the manifest records."""
+
+
+class AdapterTargetMismatch(AdapterIncompatible):
+    """The adapter targets modules the base model does not have (or does not serve)."""
+
+
+class AdapterShapeMismatch(AdapterIncompatible):
+    """A LoRA matrix does not fit the base layer it targets."""
+
+
+class AdapterRankError(AdapterIncompatible):
+    """Rank 0, negative, or above max_lora_rank."""
+
+
+class AdapterNonFinite(AdapterIncompatible):
+    """The weights hold NaN or infinite values."""
+
+
+class AdapterBaseMismatch(AdapterIncompatible):
+    """The manifest's base_fingerprint is not the loaded base model's."""
+
+
+class AdapterUnsupportedOption(AdapterIncompatible):
+    """A PEFT option that changes the math and is not served (DoRA, modules_to_save...)."""
+
+
+class AdapterRefused(AdapterIncompatible):
+    """The adapter folder is outside the configured roots (e.g. a symlink leading out)."""
 
 
 class EngineStopped(SwitchboardError):

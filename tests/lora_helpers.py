@@ -27,6 +27,7 @@ def make_random_adapter(
     b_std: float = 0.02,
     alpha: float | None = None,
     use_rslora: bool = False,
+    **config_overrides: object,
 ) -> Path:
     """Save a PEFT LoRA adapter whose A and B are both random (so it changes outputs)."""
     model = (
@@ -36,6 +37,7 @@ def make_random_adapter(
     config = LoraConfig(
         r=rank, lora_alpha=alpha if alpha is not None else 2 * rank, lora_dropout=0.0,
         target_modules=list(targets), init_lora_weights=False, use_rslora=use_rslora,
+        **config_overrides,
     )
     torch.manual_seed(seed)
     peft_model = get_peft_model(model, config)

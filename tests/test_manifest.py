@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from server.errors import ManifestError
+from server.errors import AdapterDigestMismatch, ManifestError
 from server.formats.manifest import (
     MANIFEST_FILE,
     AdapterManifest,
@@ -118,10 +118,10 @@ def test_changed_weights_do_not_match(adapter_dir: Path) -> None:
     manifest = _manifest(adapter_dir)
     (adapter_dir / "adapter_model.safetensors").write_bytes(b"other bytes")
     message = r"adapter_model\.safetensors: sha256 .* does not match"
-    with pytest.raises(ManifestError, match=message):
+    with pytest.raises(AdapterDigestMismatch, match=message):
         verify_weight_files(adapter_dir, manifest)
     (adapter_dir / "adapter_model.safetensors").unlink()
-    with pytest.raises(ManifestError, match="missing, but the manifest records it"):
+    with pytest.raises(AdapterDigestMismatch, match="missing, but the manifest records it"):
         verify_weight_files(adapter_dir, manifest)
 
 

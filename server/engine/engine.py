@@ -55,6 +55,8 @@ class StepTrace:
     """Request ids that took part in this step."""
     prefill_tokens: dict[str, int]
     """Prompt tokens computed this step, by request id (absent: decoding)."""
+    started_at: float
+    """``time.monotonic()`` when the step began."""
     duration_s: float
 
 
@@ -72,7 +74,6 @@ class _Row:
     logits: list[torch.Tensor] = field(default_factory=list)
     detok: IncrementalDetokenizer | None = None
     generator: torch.Generator | None = None
-    bound: bool = False  # an AdapterBinding was acquired and must be released
 
     @property
     def request(self) -> GenerationRequest:
@@ -230,7 +231,7 @@ class Engine:
         rows, step = self._plan()
         if not rows:
             return False
-        started = time.perf_counter()
+        started_at, started = time.monotonic(), time.perf_counter()
         try:
             if self.fault_hook is not None:
                 self.fault_hook(step_no)
@@ -256,7 +257,7 @@ class Engine:
         for logit_index, seg_index in enumerate(step.logit_rows):
             self._advance(rows[seg_index], logits[logit_index])
         self.trace.append(StepTrace(
-            step_no, tuple(r.request.request_id for r in rows), prefill,
+            step_no, tuple(r.request.request_id for r in rows), prefill, started_at,
             time.perf_counter() - started,
         ))
         return True
@@ -279,7 +280,12 @@ class Engine:
             for row in list(self._waiting):
                 if len(self._running) >= self.config.max_batch_size or not self.cache.free_rows:
                     return
-                slot = self._acquire_slot(row)
+                try:
+                    slot = self._acquire_slot(row)
+                except Exception as exc:  # a broken binding fails its own request only
+                    self._waiting.remove(row)
+                    self._finish(row, FinishReason.ERROR, error=f"adapter: {exc}"[:300])
+                    continue
                 if slot is None:
                     if now - row.submitted_at > self.config.aging_limit_s:
                         return  # starvation guard: nobody passes a request this old
@@ -300,9 +306,7 @@ class Engine:
             return NO_ADAPTER
         if isinstance(adapter, int):
             return adapter
-        slot = adapter.try_acquire_slot()
-        row.bound = slot is not None
-        return slot
+        return adapter.try_acquire_slot()
 
     def _plan(self) -> tuple[list[_Row], StepInput]:
         budget = self.config.max_num_batched_tokens
@@ -375,11 +379,9 @@ class Engine:
         if row.kv_row >= 0:
             self.cache.release(row.kv_row)
             row.kv_row = -1
-        if row.bound:
-            row.bound = False
-            binding = row.request.adapter
-            assert binding is not None and not isinstance(binding, int)
-            binding.release()
+        binding = row.request.adapter
+        if binding is not None and not isinstance(binding, int):
+            binding.release()  # exactly once: _finish runs once per request
         if row.detok is not None and reason in (FinishReason.EOS, FinishReason.LENGTH):
             tail = row.detok.finish()
             if tail or row.pending_ids:

@@ -29,7 +29,12 @@ import torch
 from torch import nn
 
 from server.engine.peft_adapter import PeftAdapter
-from server.errors import AdapterIncompatible, InvalidRequest
+from server.errors import (
+    AdapterRankError,
+    AdapterShapeMismatch,
+    AdapterTargetMismatch,
+    InvalidRequest,
+)
 
 NO_ADAPTER = -1
 
@@ -178,22 +183,25 @@ class LoraSlots:
         self._ranks = [0] * num_slots
 
     def check_compatible(self, adapter: PeftAdapter) -> None:
-        """Raise :class:`AdapterIncompatible` naming the first thing that does not fit."""
-        if adapter.rank > self.r_max:
-            raise AdapterIncompatible(
-                f"{adapter.path.name}: rank {adapter.rank} exceeds max_lora_rank {self.r_max}"
-            )
+        """Raise the :class:`AdapterIncompatible` kind naming the first thing that does not fit."""
+        for name, module in adapter.modules.items():
+            if not 0 < module.rank <= self.r_max:
+                raise AdapterRankError(
+                    f"{adapter.path.name}: '{name}' has rank {module.rank}; ranks must be in "
+                    f"1..{self.r_max} (max_lora_rank)"
+                )
         for name, module in adapter.modules.items():
             layer = self.layers.get(name)
             if layer is None:
-                raise AdapterIncompatible(
-                    f"{adapter.path.name}: targets '{name}', which this base does not serve "
-                    f"(served: {', '.join(sorted({n.rsplit('.', 1)[-1] for n in self.layers}))})"
+                served = ", ".join(sorted({n.rsplit(".", 1)[-1] for n in self.layers}))
+                raise AdapterTargetMismatch(
+                    f"{adapter.path.name}: targets '{name[:120]}', which this base does not "
+                    f"have or serve (served: {served})"
                 )
             expected_a = (module.rank, layer.in_features)
             expected_b = (layer.out_features, module.rank)
             if tuple(module.a.shape) != expected_a or tuple(module.b.shape) != expected_b:
-                raise AdapterIncompatible(
+                raise AdapterShapeMismatch(
                     f"{adapter.path.name}: '{name}' has A{tuple(module.a.shape)} "
                     f"B{tuple(module.b.shape)}, base needs A{expected_a} B{expected_b}"
                 )
@@ -280,5 +288,5 @@ def attach_multi_lora(model: nn.Module, target_modules: Iterable[str], num_slots
                 setattr(module, child_name, layer)
                 wrapped[full] = layer
     if not wrapped:
-        raise AdapterIncompatible(f"no module of the base model is named {sorted(targets)}")
+        raise AdapterTargetMismatch(f"no module of the base model is named {sorted(targets)}")
     return LoraSlots(wrapped, state, num_slots, r_max)

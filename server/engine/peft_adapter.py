@@ -19,7 +19,11 @@ from typing import Any
 
 import torch
 
-from server.errors import AdapterIncompatible, AdapterNotFound
+from server.errors import (
+    AdapterConfigError,
+    AdapterCorrupt,
+    AdapterPickleRefused,
+)
 from server.formats.manifest import ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE
 
 # "base_model.model.model.layers.3.self_attn.q_proj.lora_A.weight" (adapter name optional)
@@ -56,9 +60,9 @@ class PeftAdapter:
 
 
 def _pattern_value(patterns: dict[str, Any], module: str, default: Any) -> Any:
-    # PEFT matches a pattern key against the end of the module's dotted path.
+    # As PEFT's get_pattern_key: a key matches the end of the module's dotted path.
     for key, value in patterns.items():
-        if module == key or module.endswith("." + key) or re.fullmatch(key, module):
+        if re.match(rf"(.*\.)?({key})$", module):
             return value
     return default
 
@@ -70,56 +74,75 @@ def _scaling(config: dict[str, Any], module: str, rank: int) -> float:
     return alpha / denominator
 
 
-def read_adapter_config(folder: Path) -> dict[str, Any]:
-    path = folder / ADAPTER_CONFIG_FILE
+def parse_adapter_config(raw: bytes, label: str) -> dict[str, Any]:
     try:
-        config = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise AdapterNotFound(f"{folder}: no {ADAPTER_CONFIG_FILE}") from None
+        config = json.loads(raw.decode("utf-8"))
     except (ValueError, UnicodeDecodeError) as exc:
-        raise AdapterIncompatible(f"{path}: not valid JSON ({exc})") from None
+        raise AdapterConfigError(f"{label}: not valid JSON ({str(exc)[:80]})") from None
     if not isinstance(config, dict):
-        raise AdapterIncompatible(f"{path}: top level must be an object")
+        raise AdapterConfigError(f"{label}: top level must be an object")
     return config
 
 
-def read_peft_adapter(path: str | Path, device: str | torch.device = "cpu") -> PeftAdapter:
-    """Read a PEFT LoRA adapter folder (safetensors only) into :class:`PeftAdapter`."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
+def read_adapter_files(folder: Path) -> tuple[bytes, bytes]:
+    """The raw bytes of ``adapter_config.json`` and ``adapter_model.safetensors``.
 
-    folder = Path(path)
-    config = read_adapter_config(folder)
+    Reading each file once, into memory, gives a consistent snapshot: the digests and
+    the tensors come from the same bytes even if a publisher replaces the files now.
+    """
+    try:
+        config = (folder / ADAPTER_CONFIG_FILE).read_bytes()
+    except FileNotFoundError:
+        raise AdapterConfigError(f"{folder.name}: no {ADAPTER_CONFIG_FILE}") from None
     weights_path = folder / ADAPTER_WEIGHTS_FILE
     if not weights_path.is_file():
-        if (folder / "adapter_model.bin").exists():
-            raise AdapterIncompatible(
-                f"{folder}: adapter_model.bin is a pickle file, which can run code when "
-                f"loaded; convert it to {ADAPTER_WEIGHTS_FILE}"
+        if any(folder.glob("*.bin")) or any(folder.glob("*.pt")) or any(folder.glob("*.pth")):
+            raise AdapterPickleRefused(
+                f"{folder.name}: weights are pickle (.bin/.pt), which can run code when "
+                f"loaded; convert them to {ADAPTER_WEIGHTS_FILE}"
             )
-        raise AdapterNotFound(f"{folder}: no {ADAPTER_WEIGHTS_FILE}")
+        raise AdapterCorrupt(f"{folder.name}: no {ADAPTER_WEIGHTS_FILE}")
+    return config, weights_path.read_bytes()
+
+
+def parse_peft_adapter(folder: Path, config: dict[str, Any], weights: bytes,
+                       device: str | torch.device = "cpu") -> PeftAdapter:
+    """Split safetensors bytes into per-module LoRA matrices."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load
+
     try:
-        tensors = load_file(weights_path, device=str(device))
-    except (SafetensorError, OSError, ValueError) as exc:
-        raise AdapterIncompatible(f"{weights_path}: unreadable safetensors ({exc})") from None
+        tensors = {k: v.to(device) for k, v in load(weights).items()}
+    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+        raise AdapterCorrupt(
+            f"{folder.name}/{ADAPTER_WEIGHTS_FILE}: unreadable safetensors ({str(exc)[:120]})"
+        ) from None
 
     halves: dict[str, dict[str, torch.Tensor]] = {}
     for key, tensor in tensors.items():
         match = _KEY_RE.match(key)
         if match is None:
-            raise AdapterIncompatible(f"{weights_path}: unexpected tensor '{key[:120]}'")
+            raise AdapterCorrupt(f"{folder.name}: unexpected LoRA tensor name '{key[:120]}'")
         halves.setdefault(match["module"], {})[match["which"]] = tensor
     modules: dict[str, LoraModule] = {}
     for name, pair in halves.items():
         if set(pair) != {"A", "B"}:
-            raise AdapterIncompatible(f"{weights_path}: module '{name}' lacks lora_A or lora_B")
+            raise AdapterCorrupt(f"{folder.name}: module '{name}' lacks lora_A or lora_B")
         a, b = pair["A"], pair["B"]
         if a.ndim != 2 or b.ndim != 2 or a.shape[0] != b.shape[1]:
-            raise AdapterIncompatible(
-                f"{weights_path}: module '{name}' has mismatched shapes A{tuple(a.shape)} "
+            raise AdapterCorrupt(
+                f"{folder.name}: module '{name}' has mismatched shapes A{tuple(a.shape)} "
                 f"B{tuple(b.shape)}"
             )
         modules[name] = LoraModule(a, b, _scaling(config, name, int(a.shape[0])))
     if not modules:
-        raise AdapterIncompatible(f"{weights_path}: holds no LoRA weights")
+        raise AdapterCorrupt(f"{folder.name}: {ADAPTER_WEIGHTS_FILE} holds no LoRA weights")
     return PeftAdapter(folder, config, modules)
+
+
+def read_peft_adapter(path: str | Path, device: str | torch.device = "cpu") -> PeftAdapter:
+    """Read a PEFT LoRA adapter folder (safetensors only) into :class:`PeftAdapter`."""
+    folder = Path(path)
+    config_raw, weights = read_adapter_files(folder)
+    config = parse_adapter_config(config_raw, f"{folder.name}/{ADAPTER_CONFIG_FILE}")
+    return parse_peft_adapter(folder, config, weights, device)

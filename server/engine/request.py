@@ -37,7 +37,9 @@ class AdapterBinding(Protocol):
 
     ``try_acquire_slot`` is called on the engine thread at admission; ``None`` means
     "not resident yet", and the request waits while later ones may pass it.
-    ``release`` is called exactly once when the request ends, however it ends.
+    ``release`` is called exactly once when the request ends, however it ends (also
+    when it never ran). If ``Engine.submit`` raises, the caller still owns the binding
+    and must release it.
     """
 
     def try_acquire_slot(self) -> int | None: ...

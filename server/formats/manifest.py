@@ -24,7 +24,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from server.errors import ManifestError, PromptTemplateError
+from server.errors import AdapterDigestMismatch, ManifestError, PromptTemplateError
 from server.formats.prompt import validate_template
 
 MANIFEST_FILE = "switchboard.json"
@@ -45,16 +45,21 @@ def file_sha256(path: str | os.PathLike[str]) -> str:
     return digest.hexdigest()
 
 
+def combine_version(file_digests: dict[str, str]) -> str:
+    """The version from the sha256 of each version-defining file (manifest optional)."""
+    digest = hashlib.sha256()
+    for name in (*WEIGHT_FILES, MANIFEST_FILE):
+        if name in file_digests:
+            digest.update(name.encode() + b"\0" + file_digests[name].encode() + b"\n")
+    return digest.hexdigest()
+
+
 def adapter_version(folder: str | os.PathLike[str]) -> str:
     """sha256 over the weight files and, when present, the manifest, in a fixed order."""
     folder = Path(folder)
-    digest = hashlib.sha256()
-    for name in (*WEIGHT_FILES, MANIFEST_FILE):
-        path = folder / name
-        if name == MANIFEST_FILE and not path.exists():
-            continue
-        digest.update(name.encode() + b"\0" + file_sha256(path).encode() + b"\n")
-    return digest.hexdigest()
+    names = [n for n in (*WEIGHT_FILES, MANIFEST_FILE) if n != MANIFEST_FILE
+             or (folder / MANIFEST_FILE).exists()]
+    return combine_version({name: file_sha256(folder / name) for name in names})
 
 
 def utc_now_iso() -> str:
@@ -187,15 +192,20 @@ def read_manifest(path: str | os.PathLike[str]) -> AdapterManifest:
     if path.is_dir():
         path = path / MANIFEST_FILE
     try:
-        text = path.read_text(encoding="utf-8")
+        raw = path.read_bytes()
     except FileNotFoundError:
         raise ManifestError(f"{MANIFEST_FILE} not found at {path}") from None
-    except UnicodeDecodeError:
-        raise ManifestError(f"{path}: not UTF-8 text") from None
+    return parse_manifest(raw, str(path))
+
+
+def parse_manifest(raw: bytes, label: str) -> AdapterManifest:
+    """Validate manifest bytes; ``label`` names the source in error messages."""
     try:
-        data = json.loads(text)
+        data = json.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError:
+        raise ManifestError(f"{label}: not UTF-8 text") from None
     except json.JSONDecodeError as exc:
-        raise ManifestError(f"{path}: invalid JSON at line {exc.lineno}: {exc.msg}") from None
+        raise ManifestError(f"{label}: invalid JSON at line {exc.lineno}: {exc.msg}") from None
     return AdapterManifest.from_dict(data)
 
 
@@ -226,10 +236,12 @@ def verify_weight_files(folder: str | os.PathLike[str], manifest: AdapterManifes
     try:
         digests = weight_file_digests(folder)
     except FileNotFoundError as exc:
-        raise ManifestError(f"{exc.filename}: missing, but the manifest records it") from None
+        raise AdapterDigestMismatch(
+            f"{exc.filename}: missing, but the manifest records it"
+        ) from None
     for name, digest in digests.items():
         if digest != manifest.files[name]:
-            raise ManifestError(
+            raise AdapterDigestMismatch(
                 f"{Path(folder) / name}: sha256 {digest[:12]}… does not match the manifest's "
                 f"{manifest.files[name][:12]}…"
             )

@@ -1,0 +1,489 @@
+"""The adapter cache: disk → host memory (LRU) → device slots (LRU among unpinned).
+
+Request path::
+
+    lease = cache.lease("wuyu")          # host tier: loads on a miss, off the engine thread,
+                                         # one load however many requests ask; pins the version
+    engine.submit(GenerationRequest(..., adapter=lease))
+    # at admission, on the engine thread: lease.try_acquire_slot() copies the adapter into
+    # a free or evictable device slot (a few ms) and pins the slot, or returns None when
+    # every slot is pinned: the request waits, later requests for resident adapters pass.
+    # when the request ends, the engine calls lease.release() (exactly once).
+
+Two pins, deliberately different: a *version pin* from lease to release keeps that
+version in host memory (in-flight requests finish on the version they started with
+across a hot reload); a *slot pin* from admission to release keeps its device slot.
+Slot pins start only at admission because requests still in the queue must not hold
+slots, or a request waiting for a slot could wait forever behind them.
+
+Versions: each (name, version) is its own entry. A changed folder loads beside the old
+version; new leases get the new one as soon as it is ready, old leases finish on the
+old one, which then gives up its slot. The previous version stays in host memory for
+rollback. A failed reload leaves the served version as it was.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Literal
+
+from server.adapters.store import (
+    AdapterLocation,
+    AdapterStore,
+    Signature,
+    signature,
+    validate_name,
+)
+from server.adapters.validate import ValidatedAdapter, load_validated
+from server.engine.multi_lora import LoraSlots
+from server.errors import AdapterNotFound, InvalidRequest, SwitchboardError
+from server.formats.manifest import MANIFEST_FILE, AdapterManifest
+
+log = logging.getLogger(__name__)
+
+Tier = Literal["disk", "host", "device"]
+
+
+@dataclass
+class CacheStats:
+    host_hits: int = 0
+    host_misses: int = 0
+    device_hits: int = 0
+    device_misses: int = 0
+    host_evictions: int = 0
+    device_evictions: int = 0
+    loads: int = 0
+    load_failures: int = 0
+    load_seconds: deque[float] = field(default_factory=lambda: deque(maxlen=1024))
+
+
+@dataclass
+class _Entry:
+    validated: ValidatedAdapter
+    load_seconds: float
+    slot: int | None = None
+    version_pins: int = 0
+    slot_pins: int = 0
+    last_used: float = field(default_factory=time.monotonic)
+    requests_served: int = 0
+
+    @property
+    def name(self) -> str:
+        return self.validated.name
+
+    @property
+    def version(self) -> str:
+        return self.validated.version
+
+
+@dataclass(frozen=True)
+class AdapterInfo:
+    name: str
+    version: str | None
+    rank: int | None
+    targets: tuple[str, ...]
+    tier: Tier
+    pinned: int
+    last_used_s_ago: float | None
+    requests_served: int
+    load_seconds: float | None
+    previous_version: str | None
+    error: str | None
+
+
+class AdapterLease:
+    """One request's hold on one adapter version (an engine ``AdapterBinding``)."""
+
+    def __init__(self, cache: AdapterCache, entry: _Entry) -> None:
+        self._cache = cache
+        self._entry = entry
+        self._slot_held = False
+        self._released = False
+
+    @property
+    def name(self) -> str:
+        return self._entry.name
+
+    @property
+    def version(self) -> str:
+        return self._entry.version
+
+    @property
+    def manifest(self) -> AdapterManifest | None:
+        return self._entry.validated.manifest
+
+    def try_acquire_slot(self) -> int | None:
+        return self._cache._acquire_slot(self)
+
+    def release(self) -> None:
+        self._cache._release(self)
+
+
+class AdapterCache:
+    def __init__(self, store: AdapterStore, slots: LoraSlots, base_fingerprint: str, *,
+                 max_cpu_adapters: int = 32, loader_threads: int = 2) -> None:
+        if max_cpu_adapters < 1:
+            raise ValueError("max_cpu_adapters must be >= 1")
+        self.store = store
+        self.slots = slots
+        self.base_fingerprint = base_fingerprint
+        self.max_cpu_adapters = max_cpu_adapters
+        self.stats = CacheStats()
+        self.load_hook: Callable[[str], None] | None = None
+        """Called on the loader thread before each disk load (tests inject delays)."""
+        self._lock = threading.RLock()
+        self._entries: dict[tuple[str, str], _Entry] = {}
+        self._current: dict[str, _Entry] = {}
+        self._previous: dict[str, _Entry] = {}
+        self._loading: dict[str, Future[_Entry]] = {}
+        self._slot_owner: list[_Entry | None] = [None] * slots.num_slots
+        self._signatures: dict[str, Signature] = {}
+        self._unsettled: dict[str, Signature] = {}
+        self._failed: dict[str, Signature] = {}
+        self._errors: dict[str, str] = {}
+        self._executor = ThreadPoolExecutor(loader_threads, thread_name_prefix="adapter-load")
+        self._poller: threading.Thread | None = None
+        self._stop = threading.Event()
+
+    # -- leases (request path) ---------------------------------------------------------------
+    def lease(self, name: str, timeout: float | None = None) -> AdapterLease:
+        """Pin the served version of ``name``, loading it first on a miss (blocking)."""
+        while True:
+            entry = self._entry_future(name).result(timeout)
+            lease = self._make_lease(entry)
+            if lease is not None:
+                return lease
+
+    async def lease_async(self, name: str) -> AdapterLease:
+        """As :meth:`lease`, awaiting the load without blocking the event loop."""
+        while True:
+            entry = await asyncio.wrap_future(self._entry_future(name))
+            lease = self._make_lease(entry)
+            if lease is not None:
+                return lease
+
+    def _entry_future(self, name: str) -> Future[_Entry]:
+        validate_name(name)
+        with self._lock:
+            entry = self._current.get(name)
+            if entry is not None:
+                self.stats.host_hits += 1
+                done: Future[_Entry] = Future()
+                done.set_result(entry)
+                return done
+            self.stats.host_misses += 1
+            return self._start_load(name)
+
+    def _start_load(self, name: str) -> Future[_Entry]:
+        """A load of the folder's current contents; joins one already under way."""
+        with self._lock:
+            future = self._loading.get(name)
+            if future is None:
+                location = self.store.locate(name)  # NotFound / Refused raise here
+                future = self._executor.submit(self._load, name, location)
+                self._loading[name] = future
+            return future
+
+    def _make_lease(self, entry: _Entry) -> AdapterLease | None:
+        with self._lock:
+            if self._entries.get((entry.name, entry.version)) is not entry:
+                return None  # dropped between load and lease: look again
+            entry.version_pins += 1
+            return AdapterLease(self, entry)
+
+    def _load(self, name: str, location: AdapterLocation) -> _Entry:
+        started = time.perf_counter()
+        sig = signature(location.folder)
+        try:
+            if self.load_hook is not None:
+                self.load_hook(name)
+            validated = load_validated(location, self.slots, self.base_fingerprint)
+        except SwitchboardError as exc:
+            with self._lock:
+                self._loading.pop(name, None)
+                self._errors[name] = str(exc)
+                self._failed[name] = sig
+                self.stats.load_failures += 1
+            log.warning("adapter %s refused: %s", name, exc)
+            raise
+        except BaseException:
+            with self._lock:
+                self._loading.pop(name, None)
+            raise
+        seconds = time.perf_counter() - started
+        with self._lock:
+            self._loading.pop(name, None)
+            key = (name, validated.version)
+            entry = self._entries.get(key)
+            if entry is None:
+                entry = _Entry(validated, seconds)
+                self._entries[key] = entry
+                self.stats.loads += 1
+                self.stats.load_seconds.append(seconds)
+            self._set_current(name, entry)
+            self._signatures[name] = sig
+            self._unsettled.pop(name, None)
+            self._failed.pop(name, None)
+            self._errors.pop(name, None)
+            self._evict_host()
+        log.info("adapter %s version %s ready in %.3f s", name, entry.version[:12], seconds)
+        return entry
+
+    # -- slots (engine thread) ---------------------------------------------------------------
+    def _acquire_slot(self, lease: AdapterLease) -> int | None:
+        with self._lock:
+            entry = lease._entry
+            if lease._released:
+                raise InvalidRequest("adapter lease used after release")
+            if entry.slot is None:
+                slot = self._evictable_slot()
+                if slot is None:
+                    return None  # every slot is pinned: wait
+                victim = self._slot_owner[slot]
+                if victim is not None:
+                    victim.slot = None
+                    self.stats.device_evictions += 1
+                self.slots.load(slot, entry.name, entry.validated.adapter)
+                entry.slot = slot
+                self._slot_owner[slot] = entry
+                self.stats.device_misses += 1
+            else:
+                self.stats.device_hits += 1
+            entry.slot_pins += 1
+            entry.last_used = time.monotonic()
+            lease._slot_held = True
+            return entry.slot
+
+    def _evictable_slot(self) -> int | None:
+        free = [s for s, owner in enumerate(self._slot_owner) if owner is None]
+        if free:
+            return free[0]
+        unpinned = [s for s, owner in enumerate(self._slot_owner)
+                    if owner is not None and owner.slot_pins == 0]
+        if not unpinned:
+            return None
+
+        def rank(slot: int) -> tuple[bool, float]:
+            owner = self._slot_owner[slot]
+            assert owner is not None
+            # Old versions go first, then the least recently used.
+            return (self._current.get(owner.name) is owner, owner.last_used)
+
+        return min(unpinned, key=rank)
+
+    def _release(self, lease: AdapterLease) -> None:
+        with self._lock:
+            if lease._released:
+                return
+            lease._released = True
+            entry = lease._entry
+            entry.version_pins -= 1
+            if lease._slot_held:
+                lease._slot_held = False
+                entry.slot_pins -= 1
+                entry.requests_served += 1
+                entry.last_used = time.monotonic()
+            if entry.version_pins == 0 and not self._retained(entry):
+                self._drop(entry)
+            elif entry.slot_pins == 0 and entry.slot is not None \
+                    and self._current.get(entry.name) is not entry:
+                self._free_slot(entry)  # an old version's last request: free its slot
+
+    # -- bookkeeping -------------------------------------------------------------------------
+    def _retained(self, entry: _Entry) -> bool:
+        return (self._current.get(entry.name) is entry
+                or self._previous.get(entry.name) is entry)
+
+    def _free_slot(self, entry: _Entry) -> None:
+        if entry.slot is not None:
+            self.slots.clear(entry.slot)
+            self._slot_owner[entry.slot] = None
+            entry.slot = None
+
+    def _drop(self, entry: _Entry) -> None:
+        self._free_slot(entry)
+        if self._entries.pop((entry.name, entry.version), None) is not None:
+            self.stats.host_evictions += 1
+
+    def _set_current(self, name: str, entry: _Entry) -> None:
+        old = self._current.get(name)
+        self._current[name] = entry
+        if old is None or old is entry:
+            return
+        older = self._previous.get(name)
+        self._previous[name] = old
+        if older is not None and older is not entry and older.version_pins == 0:
+            self._drop(older)
+        if old.slot_pins == 0:
+            self._free_slot(old)
+
+    def _evict_host(self) -> None:
+        while len(self._entries) > self.max_cpu_adapters:
+            candidates = [e for e in self._entries.values() if e.version_pins == 0]
+            if not candidates:
+                return  # everything is pinned by requests: over the limit until they end
+            victim = min(candidates,
+                         key=lambda e: (self._current.get(e.name) is e, e.last_used))
+            if self._current.get(victim.name) is victim:
+                del self._current[victim.name]
+                self._signatures.pop(victim.name, None)
+            if self._previous.get(victim.name) is victim:
+                del self._previous[victim.name]
+            self._drop(victim)
+
+    # -- admin -------------------------------------------------------------------------------
+    def load(self, name: str, timeout: float | None = None) -> AdapterInfo:
+        """Make ``name`` resident in host memory (a no-op when it already is)."""
+        self._entry_future(name).result(timeout)
+        return self.info(name)
+
+    def reload(self, name: str, version: str | None = None,
+               timeout: float | None = None) -> AdapterInfo:
+        """Load the folder's current contents now, or roll back to a kept ``version``."""
+        validate_name(name)
+        if version is None:
+            self._start_load(name).result(timeout)
+            return self.info(name)
+        with self._lock:
+            kept = [e for (n, v), e in self._entries.items() if n == name and v.startswith(version)]
+            if len(kept) != 1:
+                versions = [v[:12] for (n, v) in self._entries if n == name]
+                raise AdapterNotFound(
+                    f"adapter '{name}' has no kept version {version[:16]!r} "
+                    f"(kept: {', '.join(versions) or 'none'})"
+                )
+            self._set_current(name, kept[0])
+            self._signatures.pop(name, None)  # the next poll reloads if the disk differs
+            self._failed.pop(name, None)
+        return self.info(name)
+
+    def unload(self, name: str) -> None:
+        """Evict ``name`` from device and host; in-flight requests finish first."""
+        validate_name(name)
+        with self._lock:
+            entries = [e for e in (self._current.pop(name, None),
+                                   self._previous.pop(name, None)) if e is not None]
+            self._signatures.pop(name, None)
+            if not entries:
+                self.store.locate(name)  # NotFound for names that do not exist
+            for entry in entries:
+                if entry.version_pins == 0:
+                    self._drop(entry)
+                elif entry.slot_pins == 0:
+                    self._free_slot(entry)
+
+    def preload(self, names: list[str], timeout: float | None = None) -> dict[str, str]:
+        """Load each adapter; returns the errors by name (a bad one does not stop others)."""
+        futures = {}
+        for name in names:
+            try:
+                futures[name] = self._entry_future(name)
+            except SwitchboardError as exc:
+                futures[name] = Future()
+                futures[name].set_exception(exc)
+        errors = {}
+        for name, future in futures.items():
+            try:
+                future.result(timeout)
+            except SwitchboardError as exc:
+                errors[name] = str(exc)
+        return errors
+
+    # -- watching the disk -------------------------------------------------------------------
+    def poll_now(self) -> None:
+        """Notice added, changed and removed adapter folders (the poller calls this)."""
+        on_disk = set(self.store.names())
+        with self._lock:
+            known = set(self._current) | set(self._signatures)
+        for name in sorted(known - on_disk):
+            self._retire(name)
+        for name in sorted(known & on_disk):
+            try:
+                folder = self.store.locate(name).folder
+            except SwitchboardError:
+                self._retire(name)
+                continue
+            sig = signature(folder)
+            with self._lock:
+                if sig == self._signatures.get(name) or sig == self._failed.get(name):
+                    continue
+                if name in self._loading:
+                    continue
+                has_manifest = any(f == MANIFEST_FILE for f, _, _ in sig)
+                if not has_manifest and self._unsettled.get(name) != sig:
+                    self._unsettled[name] = sig  # still being written? wait one more poll
+                    continue
+            try:
+                self._start_load(name)
+            except SwitchboardError as exc:
+                log.warning("adapter %s: reload not started: %s", name, exc)
+
+    def _retire(self, name: str) -> None:
+        with self._lock:
+            for entry in (self._current.pop(name, None), self._previous.pop(name, None)):
+                if entry is not None and entry.version_pins == 0:
+                    self._drop(entry)
+            for table in (self._signatures, self._unsettled, self._failed, self._errors):
+                table.pop(name, None)
+        log.info("adapter %s retired: its folder is gone", name)
+
+    def start_polling(self, interval_s: float = 2.0) -> None:
+        def run() -> None:
+            while not self._stop.wait(interval_s):
+                try:
+                    self.poll_now()
+                except Exception:
+                    log.exception("adapter poll failed")
+
+        self._poller = threading.Thread(target=run, name="adapter-poll", daemon=True)
+        self._poller.start()
+
+    def close(self) -> None:
+        self._stop.set()
+        self._executor.shutdown(wait=False, cancel_futures=True)
+
+    # -- introspection -----------------------------------------------------------------------
+    def info(self, name: str) -> AdapterInfo:
+        with self._lock:
+            entry = self._current.get(name)
+            previous = self._previous.get(name)
+            if entry is None:
+                return AdapterInfo(name, None, None, (), "disk", 0, None, 0, None,
+                                   previous.version if previous else None,
+                                   self._errors.get(name))
+            pinned = sum(e.version_pins for (n, _), e in self._entries.items() if n == name)
+            adapter = entry.validated.adapter
+            return AdapterInfo(
+                name=name, version=entry.version, rank=adapter.rank,
+                targets=tuple(adapter.target_names),
+                tier="device" if entry.slot is not None else "host", pinned=pinned,
+                last_used_s_ago=time.monotonic() - entry.last_used,
+                requests_served=sum(e.requests_served for (n, _), e in self._entries.items()
+                                    if n == name),
+                load_seconds=entry.load_seconds,
+                previous_version=previous.version if previous else None,
+                error=self._errors.get(name),
+            )
+
+    def list_adapters(self) -> list[AdapterInfo]:
+        with self._lock:
+            names = set(self.store.names()) | set(self._current)
+        return [self.info(name) for name in sorted(names)]
+
+    def usage(self) -> dict[str, int]:
+        """Gauges: entries in host memory, slots in use, pins held (0 when idle)."""
+        with self._lock:
+            return {
+                "host_entries": len(self._entries),
+                "slots_in_use": sum(owner is not None for owner in self._slot_owner),
+                "version_pins": sum(e.version_pins for e in self._entries.values()),
+                "slot_pins": sum(e.slot_pins for e in self._entries.values()),
+                "loading": len(self._loading),
+            }
