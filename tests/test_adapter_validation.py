@@ -206,3 +206,39 @@ def test_config_json_is_the_peft_one(served, template: Path) -> None:
     config = json.loads((template / ADAPTER_CONFIG_FILE).read_text())
     assert config["peft_type"] == "LORA" and set(config["target_modules"]) == {"q_proj", "v_proj"}
     assert set(ALL_TARGETS) >= set(config["target_modules"])
+
+
+SUPPORTED_OPTIONS = {
+    "patterns": dict(rank=4, targets=ALL_TARGETS, rank_pattern={"q_proj": 8, "down_proj": 2},
+                     alpha_pattern={"v_proj": 32.0}),
+    "layers": dict(rank=8, targets=("q_proj", "v_proj", "up_proj"), layers_to_transform=[1]),
+    "rslora": dict(rank=16, targets=("k_proj", "o_proj"), use_rslora=True),
+}
+
+
+@pytest.mark.parametrize("option", sorted(SUPPORTED_OPTIONS))
+def test_supported_peft_options_match_peft_exactly(option, tiny_model_dir, tmp_path, tokenizer):
+    from server.basemodel import load_base_model
+    from tests.lora_helpers import PeftOracle
+
+    root = tmp_path / "adapters"
+    spec = dict(SUPPORTED_OPTIONS[option])
+    path = make_random_adapter(tiny_model_dir, root / option, rank=spec.pop("rank"),
+                               targets=spec.pop("targets"), seed=5, b_std=0.5, **spec)
+    s = serve(tiny_model_dir, root)
+    try:
+        prompt = tokenizer.encode("侬今朝吃饭伐?", add_special_tokens=False)
+        oracle = PeftOracle(load_base_model(tiny_model_dir, dtype="float32").model,
+                            {option: path})
+        assert (oracle.logits(prompt, option, 1.0) - oracle.logits(prompt, None, 1.0)) \
+            .abs().max() >= 0.1
+        for scale in (0.5, 1.0):
+            ref = oracle.greedy(prompt, option, scale, 6)
+            result = s.engine.generate(GenerationRequest(
+                prompt, SamplingParams(max_new_tokens=6), adapter=s.cache.lease(option),
+                weight_scale=scale, forced_tokens=ref.tokens, record_logits=True), 60)
+            worst = max(float((a - b).abs().max())
+                        for a, b in zip(result.logits, ref.logits, strict=True))
+            assert worst <= 1e-4, f"{option} at scale {scale}: max |Δlogit| {worst:.2e}"
+    finally:
+        s.close()
