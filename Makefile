@@ -54,3 +54,4 @@ clean-venv:
 # Benchmarks are scripts, not timed tests; each writes bench/results/<area>.json.
 bench: setup
 	$(BIN)/python -m bench.engine_bench
+	$(BIN)/python -m bench.adapters_bench

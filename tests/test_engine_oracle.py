@@ -102,10 +102,11 @@ def run_oracle(
             for ours, theirs in zip(res.logits, ref.logits, strict=True):
                 worst = max(worst, float((ours - theirs).abs().max()))
         assert worst <= tolerance, f"max |Δlogit| {worst:.2e} > {tolerance:.0e}"
-        # Scale 0 is the base model (up to GEMM rounding at another batch position).
+        # Scale 0 is the base model, up to fp32 GEMM rounding at another batch position
+        # (blocked BLAS kernels round rows differently): a tenth of the oracle tolerance.
         scale0 = max(float((a - b).abs().max())
                      for a, b in zip(forced[0].logits, forced[1].logits, strict=True))
-        assert scale0 <= 1e-5, f"scale 0 differs from the base row by {scale0:.2e}"
+        assert scale0 <= tolerance / 10, f"scale 0 differs from the base row by {scale0:.2e}"
 
         # Free-running greedy in one batch: same tokens unless PEFT's choice was fragile.
         handles = [engine.submit(request(i, None)) for i in range(len(CASES))]

@@ -9,6 +9,7 @@ change the math are either served exactly (``rank_pattern``, ``alpha_pattern``,
 from __future__ import annotations
 
 import hashlib
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -108,7 +109,9 @@ def load_validated(location: AdapterLocation, slots: LoraSlots, base_fingerprint
     check_config(name, config)
     adapter = parse_peft_adapter(folder, config, weights_raw, device)
     for module_name, module in adapter.modules.items():
-        if not (torch.isfinite(module.a).all() and torch.isfinite(module.b).all()):
+        # A float64 sum is NaN or infinite exactly when some element is (finite fp32/bf16
+        # values cannot overflow it), and it needs no temporary the size of the tensor.
+        if not all(math.isfinite(float(t.sum(dtype=torch.float64))) for t in (module.a, module.b)):
             raise AdapterNonFinite(f"{name}: '{module_name}' holds NaN or infinite weights")
     slots.check_compatible(adapter)
     nbytes = sum(m.a.numel() * m.a.element_size() + m.b.numel() * m.b.element_size()

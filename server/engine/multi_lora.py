@@ -134,18 +134,23 @@ class MultiLoraLinear(nn.Module):
             y[seg.start : seg.end] += (torch.matmul(h, b_s) * seg.scale).to(y.dtype)
         return y
 
-    @torch.no_grad()
-    def load_slot(self, slot: int, a: torch.Tensor, b: torch.Tensor, scaling: float) -> None:
-        """Copy one adapter's ``A [r, in]``, ``B [out, r]`` into ``slot`` (zero-padded)."""
+    def load_slot(self, slot: int, a: torch.Tensor, b: torch.Tensor, scaling: float,
+                  old_rank: int) -> None:
+        """Copy one adapter's ``A [r, in]``, ``B [out, r]`` into ``slot`` (zero-padded).
+
+        Ranks at or above ``old_rank`` (the slot's previous content) are already zero, so
+        only the ranks in between are cleared: loading costs what the adapter weighs, not
+        what ``r_max`` allows. Callers hold ``torch.no_grad()``.
+        """
         rank = a.shape[0]
-        self.clear_slot(slot)
         self.lora_a[:rank, slot].copy_(a.to(torch.float32) * scaling)
         self.lora_b_t[:rank, slot].copy_(b.t())
+        if old_rank > rank:
+            self.clear_slot(slot, old_rank, start=rank)
 
-    @torch.no_grad()
-    def clear_slot(self, slot: int) -> None:
-        self.lora_a[:, slot].zero_()
-        self.lora_b_t[:, slot].zero_()
+    def clear_slot(self, slot: int, old_rank: int, start: int = 0) -> None:
+        self.lora_a[start:old_rank, slot].zero_()
+        self.lora_b_t[start:old_rank, slot].zero_()
 
 
 def _compute_dtype(base: nn.Module) -> torch.dtype:
@@ -209,19 +214,22 @@ class LoraSlots:
     def load(self, slot: int, name: str, adapter: PeftAdapter) -> None:
         self._check_slot(slot)
         self.check_compatible(adapter)
-        for module_name, layer in self.layers.items():
-            module = adapter.modules.get(module_name)
-            if module is None:
-                layer.clear_slot(slot)
-            else:
-                layer.load_slot(slot, module.a, module.b, module.scaling)
+        old_rank = self._ranks[slot]
+        with torch.no_grad():
+            for module_name, layer in self.layers.items():
+                module = adapter.modules.get(module_name)
+                if module is None:
+                    layer.clear_slot(slot, old_rank)
+                else:
+                    layer.load_slot(slot, module.a, module.b, module.scaling, old_rank)
         self._names[slot] = name
         self._ranks[slot] = adapter.rank
 
     def clear(self, slot: int) -> None:
         self._check_slot(slot)
-        for layer in self.layers.values():
-            layer.clear_slot(slot)
+        with torch.no_grad():
+            for layer in self.layers.values():
+                layer.clear_slot(slot, self._ranks[slot])
         self._names[slot] = None
         self._ranks[slot] = 0
 
