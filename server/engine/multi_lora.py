@@ -143,7 +143,11 @@ class MultiLoraLinear(nn.Module):
         what ``r_max`` allows. Callers hold ``torch.no_grad()``.
         """
         rank = a.shape[0]
-        self.lora_a[:rank, slot].copy_(a.to(torch.float32) * scaling)
+        target = self.lora_a[:rank, slot]
+        if a.dtype == target.dtype and a.device == target.device:
+            torch.mul(a, scaling, out=target)  # scaled straight into the slot, no temporary
+        else:
+            target.copy_(a.to(torch.float32) * scaling)
         self.lora_b_t[:rank, slot].copy_(b.t())
         if old_rank > rank:
             self.clear_slot(slot, old_rank, start=rank)
