@@ -44,6 +44,7 @@ RANK = 8
 NEW_TOKENS = 64
 ARRIVAL_GAP_S = 0.05
 PROBES = 5
+ROUNDS = 2
 
 SENTENCES = [
     "Translate Wu dialect to English: 侬今朝吃饭伐?\n",
@@ -86,6 +87,18 @@ def run_engine(engine: Engine, prompts: list[list[int]], use_adapters: bool) -> 
     elapsed = time.perf_counter() - started
     tokens = sum(r.completion_tokens for r in results)
     return {"tokens": tokens, "seconds": elapsed, "tokens_per_s": tokens / elapsed}
+
+
+def load_slots(engine: Engine, paths: list[Path]) -> None:
+    for slot, path in enumerate(paths):
+        engine.slots.load(slot, path.name, read_peft_adapter(path))
+
+
+def combine(runs: list[dict]) -> dict:
+    tokens = sum(r["tokens"] for r in runs)
+    seconds = sum(r["seconds"] for r in runs)
+    return {"tokens": tokens, "seconds": seconds, "tokens_per_s": tokens / seconds,
+            "per_round_tokens_per_s": [round(r["tokens_per_s"], 2) for r in runs]}
 
 
 def ttft_mid_batch(engine: Engine, prompts: list[list[int]]) -> list[float]:
@@ -167,22 +180,25 @@ def main() -> None:
         max_batch_size=NUM_REQUESTS, max_model_len=512, max_num_batched_tokens=512,
         max_loras=NUM_ADAPTERS, max_lora_rank=RANK,
     ))
-    for slot, path in enumerate(adapters):
-        engine.slots.load(slot, path.name, read_peft_adapter(path))
+    load_slots(engine, adapters)
     # Warm-up: one untimed pass of the mixed workload, so neither timed run pays for
     # first-use costs (allocator growth, kernel selection per shape on CUDA).
     print("engine: warm-up pass ...", flush=True)
     run_engine(engine, prompts, use_adapters=True)
-    print("engine: base only ...", flush=True)
-    base_only = run_engine(engine, prompts, use_adapters=False)
-    print("engine: mixed adapters ...", flush=True)
-    mixed = run_engine(engine, prompts, use_adapters=True)
+    # The three engine setups run interleaved, ROUNDS times, so that a slow spell of
+    # this shared machine does not land on one setup only; each figure sums its rounds.
+    rounds: dict[str, list[dict]] = {"base_only": [], "mixed": [], "mixed_all_targets": []}
+    for round_no in range(ROUNDS):
+        print(f"engine round {round_no + 1}/{ROUNDS}: base, mixed, all targets ...", flush=True)
+        load_slots(engine, adapters)
+        rounds["base_only"].append(run_engine(engine, prompts, use_adapters=False))
+        rounds["mixed"].append(run_engine(engine, prompts, use_adapters=True))
+        load_slots(engine, adapters_all)
+        rounds["mixed_all_targets"].append(run_engine(engine, prompts, use_adapters=True))
+    base_only, mixed, mixed_all = (combine(rounds[k]) for k in rounds)
+    load_slots(engine, adapters)
     print("engine: TTFT mid-batch ...", flush=True)
     ttfts = ttft_mid_batch(engine, prompts)
-    for slot, path in enumerate(adapters_all):
-        engine.slots.load(slot, path.name, read_peft_adapter(path))
-    print("engine: mixed adapters on all seven targets ...", flush=True)
-    mixed_all = run_engine(engine, prompts, use_adapters=True)
     engine.stop()
     del engine, loaded
 

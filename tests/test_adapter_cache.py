@@ -18,16 +18,10 @@ from server.errors import AdapterCorrupt, AdapterNotFound
 from server.formats.manifest import ADAPTER_WEIGHTS_FILE
 from tests.adapter_fixtures import add_manifest, publish, serve
 from tests.lora_helpers import ALL_TARGETS, PeftOracle, make_random_adapter
+from tests.polling import wait_for
 
 MARGIN = 1e-3
 
-
-def wait_for(condition, timeout: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise TimeoutError("condition not met in time")
-        time.sleep(0.002)
 
 
 def assert_matches_reference(reference, result: GenerationResult) -> None:
@@ -353,5 +347,21 @@ def test_unload_then_next_use_loads_again(tiny_model_dir, library, tmp_path):
         assert set(listing) == {"a09", "a11"}
         assert listing["a11"].rank == 16 and listing["a11"].pinned == 0
         assert listing["a11"].targets == tuple(sorted(ALL_TARGETS))
+    finally:
+        served.close()
+
+
+def test_background_polling_picks_up_a_publish(tiny_model_dir, library, tmp_path):
+    root = tmp_path / "adapters"
+    root.mkdir()
+    served = serve(tiny_model_dir, root)
+    publish(library["a12"], root / "live", served.loaded.base_fingerprint)
+    try:
+        first = served.cache.lease("live")
+        first.release()
+        served.cache.start_polling(interval_s=0.05)
+        publish(library["a13"], root / "live", served.loaded.base_fingerprint)
+        wait_for(lambda: served.cache.info("live").version not in (None, first.version))
+        assert served.cache.info("live").previous_version == first.version
     finally:
         served.close()

@@ -8,7 +8,6 @@ import gc
 import math
 import threading
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -22,16 +21,10 @@ from server.engine.request import FinishReason, GenerationRequest, GenerationRes
 from server.engine.sampling import SamplingParams
 from server.errors import EngineFault, EngineStopped, InvalidOption, InvalidRequest, QueueFull
 from tests.lora_helpers import ALL_TARGETS, make_random_adapter
+from tests.polling import wait_for
 
 MARGIN = 1e-3
 
-
-def wait_for(condition: Callable[[], bool], timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise TimeoutError("condition not met in time")
-        time.sleep(0.001)
 
 
 @pytest.fixture(scope="module")
