@@ -105,6 +105,15 @@ class BatchedLlama:
         self.head_dim = int(getattr(config, "head_dim", None)
                             or config.hidden_size // config.num_attention_heads)
         self.cache = cache
+        head = model.lm_head
+        # On the CPU, MKL computes the vocabulary projection twice as fast as W @ x^T
+        # (big operand on the left) than as x @ W^T once a few rows need logits
+        # (measured: 16 rows x 49152 x 576, 41 -> 21 ms). Same math; plain fp32/bf16
+        # Linear heads only, CPU only (cuBLAS does not care).
+        self._head_weight: torch.Tensor | None = None
+        if (type(head) is nn.Linear and head.bias is None
+                and head.weight.device.type == "cpu" and head.weight.dtype.is_floating_point):
+            self._head_weight = head.weight
 
     @torch.inference_mode()
     def forward(self, step: StepInput) -> torch.Tensor:
@@ -137,7 +146,9 @@ class BatchedLlama:
             [step.segments[i].start + step.segments[i].length - 1 for i in step.logit_rows],
             device=device, dtype=torch.long,
         )
-        final = self.inner.norm(hidden.index_select(0, last))
+        final = self.inner.norm(hidden.index_select(0, last))  # [rows, hidden]
+        if self._head_weight is not None:
+            return torch.matmul(self._head_weight, final.t()).t().float()  # [rows, vocab]
         return self.model.lm_head(final).float()
 
     def _attention(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
