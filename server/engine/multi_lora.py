@@ -66,7 +66,6 @@ class LoraStep:
     dense_index: torch.Tensor | None
     rank: int
     segments: tuple[LoraSegment, ...]
-    segment_ranks: tuple[int, ...]
 
 
 class LoraStepState:
@@ -108,41 +107,50 @@ class MultiLoraLinear(nn.Module):
         # [r_max, slots, out]: B transposed, rank-major
         self.register_buffer("lora_b_t", torch.zeros(r_max, num_slots, self.out_features,
                                                      dtype=dtype, device=device))
+        # Rank of what each slot holds for *this* layer (0: the adapter skips it). A layer
+        # no loaded adapter targets costs nothing: q,v-only adapters leave the MLP alone.
+        self.slot_ranks = [0] * num_slots
+        self.max_rank = 0
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: [tokens, in]
         y = self.base(x)  # [tokens, out]
         step = self.state.step
         if step is None:
             return y
-        if step.dense_mask is not None:
-            rows = step.rank * self.num_slots
-            a = self.lora_a[: step.rank].view(rows, self.in_features)  # [rank*slots, in]
-            b = self.lora_b_t[: step.rank].view(rows, self.out_features)  # [rank*slots, out]
+        rank = min(step.rank, self.max_rank)
+        if step.dense_mask is not None and rank > 0:
+            rows = rank * self.num_slots
+            a = self.lora_a[:rank].view(rows, self.in_features)  # [rank*slots, in]
+            b = self.lora_b_t[:rank].view(rows, self.out_features)  # [rank*slots, out]
             count = step.dense_mask.shape[0]
+            mask = step.dense_mask[:, :rows]  # rank-major: the first `rank` ranks' columns
             xd = x[:count] if step.dense_index is None else x.index_select(0, step.dense_index)
-            h = torch.matmul(xd.to(a.dtype), a.t()).mul_(step.dense_mask)  # [dense, rank*slots]
+            h = torch.matmul(xd.to(a.dtype), a.t()).mul_(mask)  # [dense, rank*slots]
             if step.dense_index is None and y.dtype == h.dtype:
                 y[:count].addmm_(h, b)  # in place: no [dense, out] temporary
             elif step.dense_index is None:
                 y[:count] += (h @ b).to(y.dtype)
             else:
                 y.index_add_(0, step.dense_index, (h @ b).to(y.dtype))
-        for seg, rank in zip(step.segments, step.segment_ranks, strict=True):
+        for seg in step.segments:
+            rank = self.slot_ranks[seg.slot]
+            if rank == 0:
+                continue
             a_s = self.lora_a[:rank, seg.slot]  # [rank, in] (strided view)
             b_s = self.lora_b_t[:rank, seg.slot]  # [rank, out]
             h = torch.matmul(x[seg.start : seg.end].to(a_s.dtype), a_s.t())  # [n, rank]
             y[seg.start : seg.end] += (torch.matmul(h, b_s) * seg.scale).to(y.dtype)
         return y
 
-    def load_slot(self, slot: int, a: torch.Tensor, b: torch.Tensor, scaling: float,
-                  old_rank: int) -> None:
+    def load_slot(self, slot: int, a: torch.Tensor, b: torch.Tensor, scaling: float) -> None:
         """Copy one adapter's ``A [r, in]``, ``B [out, r]`` into ``slot`` (zero-padded).
 
-        Ranks at or above ``old_rank`` (the slot's previous content) are already zero, so
-        only the ranks in between are cleared: loading costs what the adapter weighs, not
-        what ``r_max`` allows. Callers hold ``torch.no_grad()``.
+        Ranks at or above the slot's previous rank are already zero, so only the ranks
+        in between are cleared: loading costs what the adapter weighs, not what ``r_max``
+        allows. Callers hold ``torch.no_grad()``.
         """
         rank = a.shape[0]
+        old_rank = self.slot_ranks[slot]
         target = self.lora_a[:rank, slot]
         if a.dtype == target.dtype and a.device == target.device:
             torch.mul(a, scaling, out=target)  # scaled straight into the slot, no temporary
@@ -150,11 +158,19 @@ class MultiLoraLinear(nn.Module):
             target.copy_(a.to(torch.float32) * scaling)
         self.lora_b_t[:rank, slot].copy_(b.t())
         if old_rank > rank:
-            self.clear_slot(slot, old_rank, start=rank)
+            self.lora_a[rank:old_rank, slot].zero_()
+            self.lora_b_t[rank:old_rank, slot].zero_()
+        self._set_rank(slot, rank)
 
-    def clear_slot(self, slot: int, old_rank: int, start: int = 0) -> None:
-        self.lora_a[start:old_rank, slot].zero_()
-        self.lora_b_t[start:old_rank, slot].zero_()
+    def clear_slot(self, slot: int) -> None:
+        old_rank = self.slot_ranks[slot]
+        self.lora_a[:old_rank, slot].zero_()
+        self.lora_b_t[:old_rank, slot].zero_()
+        self._set_rank(slot, 0)
+
+    def _set_rank(self, slot: int, rank: int) -> None:
+        self.slot_ranks[slot] = rank
+        self.max_rank = max(self.slot_ranks)
 
 
 def _compute_dtype(base: nn.Module) -> torch.dtype:
@@ -218,14 +234,13 @@ class LoraSlots:
     def load(self, slot: int, name: str, adapter: PeftAdapter) -> None:
         self._check_slot(slot)
         self.check_compatible(adapter)
-        old_rank = self._ranks[slot]
         with torch.no_grad():
             for module_name, layer in self.layers.items():
                 module = adapter.modules.get(module_name)
                 if module is None:
-                    layer.clear_slot(slot, old_rank)
+                    layer.clear_slot(slot)
                 else:
-                    layer.load_slot(slot, module.a, module.b, module.scaling, old_rank)
+                    layer.load_slot(slot, module.a, module.b, module.scaling)
         self._names[slot] = name
         self._ranks[slot] = adapter.rank
 
@@ -233,7 +248,7 @@ class LoraSlots:
         self._check_slot(slot)
         with torch.no_grad():
             for layer in self.layers.values():
-                layer.clear_slot(slot, self._ranks[slot])
+                layer.clear_slot(slot)
         self._names[slot] = None
         self._ranks[slot] = 0
 
@@ -275,8 +290,7 @@ class LoraSlots:
             starts = [s.start for s in dense]
             if starts != list(range(len(dense))):
                 index = torch.tensor(starts, device=device)
-        self.state.step = LoraStep(mask, index, rank, long,
-                                   tuple(self._ranks[s.slot] for s in long))
+        self.state.step = LoraStep(mask, index, rank, long)
 
     @property
     def state_device(self) -> torch.device:
