@@ -110,7 +110,10 @@ class MultiLoraLinear(nn.Module):
         # Rank of what each slot holds for *this* layer (0: the adapter skips it). A layer
         # no loaded adapter targets costs nothing: q,v-only adapters leave the MLP alone.
         self.slot_ranks = [0] * num_slots
-        self.max_rank = 0
+
+    @property
+    def max_rank(self) -> int:
+        return max(self.slot_ranks)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: [tokens, in]
         y = self.base(x)  # [tokens, out]
@@ -169,8 +172,7 @@ class MultiLoraLinear(nn.Module):
         self._set_rank(slot, 0)
 
     def _set_rank(self, slot: int, rank: int) -> None:
-        self.slot_ranks[slot] = rank
-        self.max_rank = max(self.slot_ranks)
+        self.slot_ranks[slot] = rank  # a list item: no nn.Module.__setattr__ on this path
 
 
 def _compute_dtype(base: nn.Module) -> torch.dtype:

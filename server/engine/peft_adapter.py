@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -74,8 +75,8 @@ def _scaling(config: dict[str, Any], module: str, rank: int) -> float:
     return alpha / denominator
 
 
-_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-           "F64": torch.float64}
+_DTYPES = {"F32": (torch.float32, 4), "F16": (torch.float16, 2), "BF16": (torch.bfloat16, 2),
+           "F64": (torch.float64, 8)}
 
 
 def safetensors_views(raw: bytes) -> dict[str, torch.Tensor]:
@@ -101,34 +102,33 @@ def safetensors_views(raw: bytes) -> dict[str, torch.Tensor]:
     base = 8 + header_len
     data_len = len(raw) - base
     views: dict[str, torch.Tensor] = {}
-    import warnings
-
-    for name, info in header.items():
-        if name == "__metadata__":
-            continue
-        try:
-            dtype = _DTYPES[info["dtype"]]
-            shape = [int(d) for d in info["shape"]]
-            start, end = (int(o) for o in info["data_offsets"])
-        except (KeyError, TypeError, ValueError):
-            message = f"tensor {str(name)[:80]!r}: bad or unsupported header entry"
-            raise ValueError(message) from None
-        count = 1
-        for dim in shape:
-            if dim < 0:
-                raise ValueError(f"tensor '{name[:80]}': negative dimension")
-            count *= dim
-        itemsize = torch.empty(0, dtype=dtype).element_size()
-        if not 0 <= start <= end <= data_len or end - start != count * itemsize:
-            raise ValueError(f"tensor '{name[:80]}': offsets outside the file or wrong size")
-        if count == 0:
-            views[name] = torch.zeros(shape, dtype=dtype)
-            continue
-        with warnings.catch_warnings():  # bytes are read-only; the views are never written
-            warnings.simplefilter("ignore", UserWarning)
-            flat = torch.frombuffer(raw, dtype=dtype, count=count, offset=base + start)
-        views[name] = flat.view(shape)
+    with warnings.catch_warnings():  # bytes are read-only; the views are never written
+        warnings.simplefilter("ignore", UserWarning)
+        for name, info in header.items():
+            if name != "__metadata__":
+                views[name] = _view(raw, base, data_len, name, info)
     return views
+
+
+def _view(raw: bytes, base: int, data_len: int, name: str, info: Any) -> torch.Tensor:
+    """One tensor of the buffer, its header entry checked against the data size."""
+    try:
+        dtype, itemsize = _DTYPES[info["dtype"]]
+        shape = [int(d) for d in info["shape"]]
+        start, end = (int(o) for o in info["data_offsets"])
+    except (KeyError, TypeError, ValueError):
+        message = f"tensor {str(name)[:80]!r}: bad or unsupported header entry"
+        raise ValueError(message) from None
+    count = 1
+    for dim in shape:
+        if dim < 0:
+            raise ValueError(f"tensor '{name[:80]}': negative dimension")
+        count *= dim
+    if not 0 <= start <= end <= data_len or end - start != count * itemsize:
+        raise ValueError(f"tensor '{name[:80]}': offsets outside the file or wrong size")
+    if count == 0:
+        return torch.zeros(shape, dtype=dtype)
+    return torch.frombuffer(raw, dtype=dtype, count=count, offset=base + start).view(shape)
 
 
 def parse_adapter_config(raw: bytes, label: str) -> dict[str, Any]:
@@ -166,7 +166,9 @@ def parse_peft_adapter(folder: Path, config: dict[str, Any], weights: bytes,
                        device: str | torch.device = "cpu") -> PeftAdapter:
     """Split safetensors bytes into per-module LoRA matrices."""
     try:
-        tensors = {k: v.to(device) for k, v in safetensors_views(weights).items()}
+        tensors = safetensors_views(weights)
+        if torch.device(device).type != "cpu":
+            tensors = {k: v.to(device) for k, v in tensors.items()}
     except ValueError as exc:
         raise AdapterCorrupt(
             f"{folder.name}/{ADAPTER_WEIGHTS_FILE}: unreadable safetensors ({str(exc)[:120]})"
