@@ -16,6 +16,24 @@ from peft.tuners.lora import LoraLayer
 from transformers import AutoModelForCausalLM
 
 ALL_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+MARGIN = 1e-3
+
+
+def top2_margins(logits: Sequence[torch.Tensor]) -> list[float]:
+    """Top-1 minus top-2 logit at each step (small: the greedy choice is a coin flip)."""
+    return [float(v[0] - v[1]) for v in (torch.topk(x, 2).values for x in logits)]
+
+
+def assert_same_greedy(reference: Sequence[int], margins: Sequence[float],
+                       tokens: Sequence[int]) -> bool:
+    """The engine's tolerance rule: greedy ``tokens`` equal ``reference`` except after a
+    step whose reference top-2 margin was under 1e-3. Returns whether they diverged."""
+    for step, (a, b) in enumerate(zip(tokens, reference, strict=False)):
+        if a != b:
+            assert margins[step] < MARGIN, f"diverged at step {step} (margin {margins[step]})"
+            return True
+    assert len(tokens) == len(reference)
+    return False
 
 
 def make_random_adapter(
@@ -56,8 +74,7 @@ class OracleRun:
     logits: list[torch.Tensor]  # one [vocab] per generated token
 
     def margins(self) -> list[float]:
-        """Top-1 minus top-2 logit at each step (small: greedy choice is fragile)."""
-        return [float(v[0] - v[1]) for v in (torch.topk(x, 2).values for x in self.logits)]
+        return top2_margins(self.logits)
 
 
 class PeftOracle:

@@ -17,21 +17,18 @@ from server.engine.sampling import SamplingParams
 from server.errors import AdapterCorrupt, AdapterNotFound
 from server.formats.manifest import ADAPTER_WEIGHTS_FILE
 from tests.adapter_fixtures import add_manifest, publish, serve
-from tests.lora_helpers import ALL_TARGETS, PeftOracle, make_random_adapter
+from tests.lora_helpers import (
+    ALL_TARGETS,
+    OracleRun,
+    PeftOracle,
+    assert_same_greedy,
+    make_random_adapter,
+)
 from tests.polling import wait_for
 
-MARGIN = 1e-3
 
-
-
-def assert_matches_reference(reference, result: GenerationResult) -> None:
-    """Greedy tokens equal PEFT's, except after a step where PEFT's margin < 1e-3."""
-    margins = reference.margins()
-    for step, (a, b) in enumerate(zip(result.token_ids, reference.tokens, strict=False)):
-        if a != b:
-            assert margins[step] < MARGIN, f"diverged at step {step} (margin {margins[step]})"
-            return
-    assert len(result.token_ids) == len(reference.tokens)
+def assert_matches_reference(reference: OracleRun, result: GenerationResult) -> None:
+    assert_same_greedy(reference.tokens, reference.margins(), result.token_ids)
 
 
 @pytest.fixture(scope="module")

@@ -20,7 +20,7 @@ from server.engine.engine import Engine
 from server.engine.peft_adapter import read_peft_adapter
 from server.engine.request import GenerationRequest
 from server.engine.sampling import SamplingParams
-from tests.lora_helpers import ALL_TARGETS, PeftOracle, make_random_adapter
+from tests.lora_helpers import ALL_TARGETS, PeftOracle, assert_same_greedy, make_random_adapter
 
 ADAPTER_SPECS = {  # name: (rank, targets)
     "r4_qv": (4, ("q_proj", "v_proj")),
@@ -45,7 +45,6 @@ PROMPTS = [
     "Translate Cantonese to English: 你食咗飯未呀?\n",
     "Order number 4471 was delivered to",
 ]
-MARGIN = 1e-3
 
 
 def make_adapters(base_dir: Path, out: Path, b_std: float) -> dict[str, Path]:
@@ -110,17 +109,10 @@ def run_oracle(
 
         # Free-running greedy in one batch: same tokens unless PEFT's choice was fragile.
         handles = [engine.submit(request(i, None)) for i in range(len(CASES))]
-        fragile = 0
-        for ref, handle in zip(refs, handles, strict=True):
-            ours = handle.result(timeout=600).token_ids
-            margins = ref.margins()
-            for step, (a, b) in enumerate(zip(ours, ref.tokens, strict=False)):
-                if a != b:
-                    assert margins[step] < MARGIN, f"diverged at {step}, margin {margins[step]}"
-                    fragile += 1
-                    break
-            else:
-                assert len(ours) == len(ref.tokens)
+        fragile = sum(
+            assert_same_greedy(ref.tokens, ref.margins(), handle.result(timeout=600).token_ids)
+            for ref, handle in zip(refs, handles, strict=True)
+        )
         return {"max_abs_logit_diff": worst, "scale0_vs_base": scale0,
                 "fragile_divergences": fragile}
     finally:
