@@ -85,6 +85,9 @@ class _Row:
 
 
 class Engine:
+    """Serves one base model. It wraps the model's target linear layers in place (the
+    model then belongs to the engine) and allocates the KV cache and adapter stacks once."""
+
     def __init__(self, model: torch.nn.Module, tokenizer, config: EngineConfig | None = None,
                  *, start: bool = True) -> None:
         self.config = config or EngineConfig()
