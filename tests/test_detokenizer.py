@@ -58,3 +58,18 @@ def test_possible_stop_prefix_is_held_back(tokenizer) -> None:
     assert emitted == "go "  # "END" might become "ENDING": not emitted yet
     assert detok.finish() == "END"  # generation ended without the stop string
     assert detok.text == "go END"
+
+
+def test_windowed_decoding_equals_decoding_everything(tokenizer) -> None:
+    import random
+
+    rng = random.Random(0)
+    texts = ["侬今朝吃饭伐？阿拉去外滩白相。Hello 🙂 world", "你食咗飯未呀？聽日喺銅鑼灣見。 12:30 → ok"]
+    for trial in range(200):
+        if trial % 2:  # arbitrary token streams, broken characters included
+            ids = [rng.randrange(len(tokenizer)) for _ in range(rng.randrange(1, 60))]
+        else:
+            ids = tokenizer.encode(rng.choice(texts), add_special_tokens=False)
+        detok = IncrementalDetokenizer(tokenizer)
+        streamed = "".join(detok.add(t) for t in ids) + detok.finish()
+        assert streamed == tokenizer.decode(ids, skip_special_tokens=True)

@@ -27,7 +27,6 @@ from server.engine.peft_adapter import (
 from server.errors import (
     AdapterBaseMismatch,
     AdapterConfigError,
-    AdapterDigestMismatch,
     AdapterNonFinite,
     AdapterRankError,
     AdapterUnsupportedOption,
@@ -37,6 +36,7 @@ from server.formats.manifest import (
     ADAPTER_WEIGHTS_FILE,
     MANIFEST_FILE,
     AdapterManifest,
+    check_digests,
     combine_version,
     parse_manifest,
 )
@@ -92,12 +92,7 @@ def load_validated(location: AdapterLocation, slots: LoraSlots, base_fingerprint
     if manifest_path.exists():
         manifest_raw = manifest_path.read_bytes()
         manifest = parse_manifest(manifest_raw, f"{name}/{MANIFEST_FILE}")
-        for file, digest in manifest.files.items():
-            if digests[file] != digest:
-                raise AdapterDigestMismatch(
-                    f"{name}/{file}: sha256 {digests[file][:12]}… does not match the "
-                    f"manifest's {digest[:12]}… (being published, or altered)"
-                )
+        check_digests(manifest, digests, name)
         if manifest.base_fingerprint != base_fingerprint:
             raise AdapterBaseMismatch(
                 f"{name}: trained for base {manifest.base_fingerprint[:12]}…, "

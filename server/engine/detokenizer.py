@@ -37,9 +37,30 @@ class IncrementalDetokenizer:
         self._searched = 0  # stop strings cannot start before this character
         self.stopped = False
         self.text = ""  # everything emitted so far
+        # Windowed decoding: text of token_ids[:_read] is final in _decoded; only the
+        # window from _prefix on is decoded again (the prefix tokens give tokenizers that
+        # treat a leading space specially the context they need). Decoding everything on
+        # every token would cost O(n^2) per request on the engine thread.
+        self._decoded = ""
+        self._prefix = 0
+        self._read = 0
+        self._prefix_text: str | None = ""
+
+    def _decode_ids(self, ids: list[int]) -> str:
+        return str(self._tokenizer.decode(ids, skip_special_tokens=True))
 
     def _decode(self) -> str:
-        return str(self._tokenizer.decode(self.token_ids, skip_special_tokens=True))
+        """All text so far; may end in U+FFFD while a character is incomplete."""
+        if self._prefix_text is None:
+            self._prefix_text = self._decode_ids(self.token_ids[self._prefix : self._read])
+        window = self._decode_ids(self.token_ids[self._prefix :])
+        tail = window[len(self._prefix_text) :]
+        if tail and not tail.endswith(REPLACEMENT):  # the window ends on a whole character
+            self._decoded += tail
+            self._prefix, self._read = self._read, len(self.token_ids)
+            self._prefix_text = None
+            return self._decoded
+        return self._decoded + tail
 
     def add(self, token_id: int) -> str:
         """Append a token; return the text that became safe to emit (maybe "")."""

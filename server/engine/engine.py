@@ -26,14 +26,12 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 
 from server.engine.config import EngineConfig
 from server.engine.detokenizer import IncrementalDetokenizer
 from server.engine.forward import BatchedLlama, Segment, StepInput
-from server.engine.kv_cache import SlottedKVCache
 from server.engine.multi_lora import NO_ADAPTER, LoraSegment, LoraSlots, attach_multi_lora
 from server.engine.request import (
     FinishReason,
@@ -97,18 +95,9 @@ class Engine:
         self.slots: LoraSlots = attach_multi_lora(
             model, self.config.target_modules, self.config.max_loras, self.config.max_lora_rank
         )
-        model_config: Any = model.config
-        head_dim = getattr(model_config, "head_dim", None) or (
-            model_config.hidden_size // model_config.num_attention_heads
-        )
-        dtype = model.get_input_embeddings().weight.dtype  # type: ignore[operator]
-        self.cache = SlottedKVCache(
-            model_config.num_hidden_layers, self.config.max_batch_size,
-            model_config.num_key_value_heads, self.config.max_model_len, head_dim, dtype,
-            self.device,
-        )
-        self.runner = BatchedLlama(model, self.cache)
-        self.vocab_size = int(model_config.vocab_size)
+        self.runner = BatchedLlama(model, self.config.max_batch_size, self.config.max_model_len)
+        self.cache = self.runner.cache
+        self.vocab_size = int(self.runner.model.config.vocab_size)
         self.eos_ids = _eos_ids(model, tokenizer)
 
         self.trace: deque[StepTrace] = deque(maxlen=self.config.trace_capacity)

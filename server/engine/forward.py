@@ -92,7 +92,8 @@ class _AttentionPlan:
 class BatchedLlama:
     """Runs a LLaMA-family ``*ForCausalLM`` over packed ragged batches."""
 
-    def __init__(self, model: nn.Module, cache: SlottedKVCache) -> None:
+    def __init__(self, model: nn.Module, max_rows: int, max_len: int) -> None:
+        """Allocates the KV cache (``max_rows`` rows of ``max_len`` positions) for ``model``."""
         self.model: Any = model
         inner = getattr(model, "model", None)
         layers = getattr(inner, "layers", None)
@@ -104,7 +105,10 @@ class BatchedLlama:
         self.num_kv_heads = int(config.num_key_value_heads)
         self.head_dim = int(getattr(config, "head_dim", None)
                             or config.hidden_size // config.num_attention_heads)
-        self.cache = cache
+        device = next(model.parameters()).device
+        dtype = inner.embed_tokens.weight.dtype  # quantized bases keep float embeddings
+        self.cache = SlottedKVCache(int(config.num_hidden_layers), max_rows, self.num_kv_heads,
+                                    max_len, self.head_dim, dtype, device)
         head = model.lm_head
         # On the CPU, MKL computes the vocabulary projection twice as fast as W @ x^T
         # (big operand on the left) than as x @ W^T once a few rows need logits

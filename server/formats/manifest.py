@@ -231,6 +231,16 @@ def weight_file_digests(folder: str | os.PathLike[str]) -> dict[str, str]:
     return {name: file_sha256(Path(folder) / name) for name in WEIGHT_FILES}
 
 
+def check_digests(manifest: AdapterManifest, digests: dict[str, str], where: str) -> None:
+    """Raise unless ``digests`` (weight file name -> sha256) are the manifest's."""
+    for name, recorded in manifest.files.items():
+        if digests[name] != recorded:
+            raise AdapterDigestMismatch(
+                f"{where}/{name}: sha256 {digests[name][:12]}… does not match the manifest's "
+                f"{recorded[:12]}… (being published, or altered)"
+            )
+
+
 def verify_weight_files(folder: str | os.PathLike[str], manifest: AdapterManifest) -> None:
     """Raise unless the weight files in ``folder`` are the ones the manifest records."""
     try:
@@ -239,9 +249,4 @@ def verify_weight_files(folder: str | os.PathLike[str], manifest: AdapterManifes
         raise AdapterDigestMismatch(
             f"{exc.filename}: missing, but the manifest records it"
         ) from None
-    for name, digest in digests.items():
-        if digest != manifest.files[name]:
-            raise AdapterDigestMismatch(
-                f"{Path(folder) / name}: sha256 {digest[:12]}… does not match the manifest's "
-                f"{manifest.files[name][:12]}…"
-            )
+    check_digests(manifest, digests, str(folder))
