@@ -64,7 +64,10 @@ def test_windowed_decoding_equals_decoding_everything(tokenizer) -> None:
     import random
 
     rng = random.Random(0)
-    texts = ["侬今朝吃饭伐？阿拉去外滩白相。Hello 🙂 world", "你食咗飯未呀？聽日喺銅鑼灣見。 12:30 → ok"]
+    texts = [
+        "侬今朝吃饭伐？阿拉去外滩白相。Hello 🙂 world",
+        "你食咗飯未呀？聽日喺銅鑼灣見。 12:30 → ok",
+    ]
     for trial in range(200):
         if trial % 2:  # arbitrary token streams, broken characters included
             ids = [rng.randrange(len(tokenizer)) for _ in range(rng.randrange(1, 60))]
