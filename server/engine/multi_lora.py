@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from server.engine.peft_adapter import PeftAdapter
+from server.engine.peft_adapter import LoraModule, PeftAdapter
 from server.errors import (
     AdapterRankError,
     AdapterShapeMismatch,
@@ -92,24 +92,24 @@ class MultiLoraLinear(nn.Module):
     lora_a: torch.Tensor
     lora_b_t: torch.Tensor
 
-    def __init__(self, base: nn.Module, num_slots: int, r_max: int, state: LoraStepState):
+    def __init__(self, base: nn.Module, lora_a: torch.Tensor, lora_b_t: torch.Tensor,
+                 state: LoraStepState):
+        """``lora_a`` ``[r_max, slots, in]`` and ``lora_b_t`` ``[r_max, slots, out]`` are this
+        layer's part of its :class:`LoraStack` (views, zero-filled)."""
         super().__init__()
         self.base = base
         self.in_features = int(base.in_features)  # type: ignore[arg-type]
         self.out_features = int(base.out_features)  # type: ignore[arg-type]
-        self.num_slots = num_slots
+        self.num_slots = int(lora_a.shape[1])
         self.state = state
-        dtype = _compute_dtype(base)
-        device = next(base.parameters()).device
-        # [r_max, slots, in]; scaling folded in at load time
-        self.register_buffer("lora_a", torch.zeros(r_max, num_slots, self.in_features,
-                                                   dtype=dtype, device=device))
-        # [r_max, slots, out]: B transposed, rank-major
-        self.register_buffer("lora_b_t", torch.zeros(r_max, num_slots, self.out_features,
-                                                     dtype=dtype, device=device))
+        # Views into the stack shared by every layer of this kind, so that loading an
+        # adapter is a few copies per kind rather than two per layer; scaling is folded
+        # into A at load time.
+        self.register_buffer("lora_a", lora_a, persistent=False)
+        self.register_buffer("lora_b_t", lora_b_t, persistent=False)
         # Rank of what each slot holds for *this* layer (0: the adapter skips it). A layer
         # no loaded adapter targets costs nothing: q,v-only adapters leave the MLP alone.
-        self.slot_ranks = [0] * num_slots
+        self.slot_ranks = [0] * self.num_slots
 
     @property
     def max_rank(self) -> int:
@@ -145,36 +145,6 @@ class MultiLoraLinear(nn.Module):
             y[seg.start : seg.end] += (torch.matmul(h, b_s) * seg.scale).to(y.dtype)
         return y
 
-    def load_slot(self, slot: int, a: torch.Tensor, b: torch.Tensor, scaling: float) -> None:
-        """Copy one adapter's ``A [r, in]``, ``B [out, r]`` into ``slot`` (zero-padded).
-
-        Ranks at or above the slot's previous rank are already zero, so only the ranks
-        in between are cleared: loading costs what the adapter weighs, not what ``r_max``
-        allows. Callers hold ``torch.no_grad()``.
-        """
-        rank = a.shape[0]
-        old_rank = self.slot_ranks[slot]
-        target = self.lora_a[:rank, slot]
-        if a.dtype == target.dtype and a.device == target.device:
-            torch.mul(a, scaling, out=target)  # scaled straight into the slot, no temporary
-        else:
-            target.copy_(a.to(torch.float32) * scaling)
-        self.lora_b_t[:rank, slot].copy_(b.t())
-        if old_rank > rank:
-            self.lora_a[rank:old_rank, slot].zero_()
-            self.lora_b_t[rank:old_rank, slot].zero_()
-        self._set_rank(slot, rank)
-
-    def clear_slot(self, slot: int) -> None:
-        old_rank = self.slot_ranks[slot]
-        self.lora_a[:old_rank, slot].zero_()
-        self.lora_b_t[:old_rank, slot].zero_()
-        self._set_rank(slot, 0)
-
-    def _set_rank(self, slot: int, rank: int) -> None:
-        self.slot_ranks[slot] = rank  # a list item: no nn.Module.__setattr__ on this path
-
-
 def _compute_dtype(base: nn.Module) -> torch.dtype:
     # bitsandbytes layers store packed uint8/int8 weights; LoRA runs in the compute dtype.
     compute = getattr(base, "compute_dtype", None)
@@ -193,6 +163,61 @@ class SlotInfo:
     rank: int
 
 
+@dataclass
+class LoraStack:
+    """One kind of target (``q_proj``, ...) across all layers that share its shape.
+
+    ``a`` is ``[layers, r_max, slots, in]`` and ``b_t`` ``[layers, r_max, slots, out]``;
+    layer ``i``'s :class:`MultiLoraLinear` holds ``a[i]`` and ``b_t[i]``.
+    """
+
+    names: list[str]
+    layers: list[MultiLoraLinear]
+    a: torch.Tensor
+    b_t: torch.Tensor
+
+    def held_rank(self, slot: int) -> int:
+        return max(layer.slot_ranks[slot] for layer in self.layers)
+
+    def zero(self, slot: int, start: int, end: int) -> None:
+        if end > start:
+            self.a[:, start:end, slot].zero_()
+            self.b_t[:, start:end, slot].zero_()
+
+    def set_ranks(self, slot: int, ranks: list[int]) -> None:
+        for layer, rank in zip(self.layers, ranks, strict=True):
+            layer.slot_ranks[slot] = rank  # a list item: no nn.Module.__setattr__ here
+
+    def load(self, slot: int, modules: list[LoraModule | None]) -> None:
+        """Write one adapter's matrices for this kind into ``slot`` (callers hold no_grad).
+
+        The common case (every layer adapted at one rank) is one stacked copy for A and
+        one for B whatever the layer count; ``layers_to_transform`` or ``rank_pattern``
+        adapters take a per-layer path. A is scaled in float32 and rounded once.
+        """
+        held = self.held_rank(slot)
+        ranks = [0 if m is None else m.rank for m in modules]
+        present = [m for m in modules if m is not None]
+        if len(present) == len(modules) and len(set(ranks)) == 1:
+            rank = ranks[0]
+            self.zero(slot, rank, held)
+            scalings = torch.tensor([m.scaling for m in present], dtype=torch.float32,
+                                    device=self.a.device).view(-1, 1, 1)
+            self.a[:, :rank, slot].copy_(torch.stack([m.a for m in present]).float() * scalings)
+            self.b_t[:, :rank, slot].copy_(torch.stack([m.b for m in present]).transpose(1, 2))
+        else:
+            self.zero(slot, 0, held)
+            for i, module in enumerate(modules):
+                if module is not None:
+                    self.a[i, : module.rank, slot].copy_(module.a.float() * module.scaling)
+                    self.b_t[i, : module.rank, slot].copy_(module.b.t())
+        self.set_ranks(slot, ranks)
+
+    def clear(self, slot: int) -> None:
+        self.zero(slot, 0, self.held_rank(slot))
+        self.set_ranks(slot, [0] * len(self.layers))
+
+
 class LoraSlots:
     """The slot API the adapter cache drives: load into a slot, clear it, list free ones.
 
@@ -200,9 +225,11 @@ class LoraSlots:
     the adapter does not target stays zero for that slot.
     """
 
-    def __init__(self, layers: dict[str, MultiLoraLinear], state: LoraStepState,
+    def __init__(self, stacks: list[LoraStack], state: LoraStepState,
                  num_slots: int, r_max: int) -> None:
-        self.layers = layers
+        self.stacks = stacks
+        self.layers = {name: layer for stack in stacks
+                       for name, layer in zip(stack.names, stack.layers, strict=True)}
         self.state = state
         self.num_slots = num_slots
         self.r_max = r_max
@@ -234,23 +261,26 @@ class LoraSlots:
                 )
 
     def load(self, slot: int, name: str, adapter: PeftAdapter) -> None:
+        """Copy ``adapter`` into ``slot`` of every wrapped layer (zero where it has nothing).
+
+        Per target kind, not per layer: a seven-target adapter on a 30-layer model is 420
+        matrices, and one Python call per matrix, not the bytes, dominated cold loads.
+        Only ranks the slot held and the new adapter does not overwrite are cleared, so
+        loading costs what the adapter weighs, not what ``max_lora_rank`` allows.
+        """
         self._check_slot(slot)
         self.check_compatible(adapter)
         with torch.no_grad():
-            for module_name, layer in self.layers.items():
-                module = adapter.modules.get(module_name)
-                if module is None:
-                    layer.clear_slot(slot)
-                else:
-                    layer.load_slot(slot, module.a, module.b, module.scaling)
+            for stack in self.stacks:
+                stack.load(slot, [adapter.modules.get(name) for name in stack.names])
         self._names[slot] = name
         self._ranks[slot] = adapter.rank
 
     def clear(self, slot: int) -> None:
         self._check_slot(slot)
         with torch.no_grad():
-            for layer in self.layers.values():
-                layer.clear_slot(slot)
+            for stack in self.stacks:
+                stack.clear(slot)
         self._names[slot] = None
         self._ranks[slot] = 0
 
@@ -304,17 +334,33 @@ class LoraSlots:
 
 def attach_multi_lora(model: nn.Module, target_modules: Iterable[str], num_slots: int,
                       r_max: int) -> LoraSlots:
-    """Wrap every linear of ``model`` whose last name is in ``target_modules``."""
+    """Wrap every linear of ``model`` whose last name is in ``target_modules``.
+
+    Call it once the model sits on its device: the layers' stacks are views into one
+    :class:`LoraStack` per kind, a sharing that moving the model would break.
+    """
     targets = set(target_modules)
     state = LoraStepState()
-    wrapped: dict[str, MultiLoraLinear] = {}
+    found: dict[tuple, list[tuple[nn.Module, str, str, nn.Module]]] = {}
     for name, module in list(model.named_modules()):
         for child_name, child in list(module.named_children()):
             if child_name in targets and not isinstance(child, MultiLoraLinear):
                 full = f"{name}.{child_name}" if name else child_name
-                layer = MultiLoraLinear(child, num_slots, r_max, state)
-                setattr(module, child_name, layer)
-                wrapped[full] = layer
-    if not wrapped:
+                weight = next(child.parameters())
+                key = (child_name, int(child.in_features), int(child.out_features),  # type: ignore[arg-type]
+                       _compute_dtype(child), weight.device)
+                found.setdefault(key, []).append((module, child_name, full, child))
+    if not found:
         raise AdapterTargetMismatch(f"no module of the base model is named {sorted(targets)}")
-    return LoraSlots(wrapped, state, num_slots, r_max)
+    stacks = []
+    for (_, in_features, out_features, dtype, device), members in found.items():
+        count = len(members)
+        a = torch.zeros(count, r_max, num_slots, in_features, dtype=dtype, device=device)
+        b_t = torch.zeros(count, r_max, num_slots, out_features, dtype=dtype, device=device)
+        layers = []
+        for i, (parent, child_name, _, child) in enumerate(members):
+            layer = MultiLoraLinear(child, a[i], b_t[i], state)
+            setattr(parent, child_name, layer)
+            layers.append(layer)
+        stacks.append(LoraStack([m[2] for m in members], layers, a, b_t))
+    return LoraSlots(stacks, state, num_slots, r_max)
