@@ -9,9 +9,11 @@ PIP := $(BIN)/python -m pip --quiet --disable-pip-version-check
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: help setup test test-slow lint typecheck bench clean-venv
+.PHONY: help setup test test-slow lint typecheck bench clean-venv protos serve
 
 help:
+	@echo "make serve      start the gRPC server (server/config.yaml; ARGS='--port 50052' to override)"
+	@echo "make protos     regenerate the gRPC stubs from protos/ (committed; a test checks them)"
 	@echo "make setup      create .venv, install torch (CPU wheel), the project and the base model"
 	@echo "make test       the test suite (skips tests marked slow)"
 	@echo "make test-slow  the slow tier (run by .ci/run after make test)"
@@ -55,3 +57,14 @@ clean-venv:
 bench: setup
 	$(BIN)/python -m bench.engine_bench
 	$(BIN)/python -m bench.adapters_bench
+
+# Stubs are committed so that clients work without grpcio-tools; tests/test_protos.py
+# fails when they are out of date with the .proto.
+PROTO := protos/switchboard/v1/switchboard.proto
+protos: setup
+	$(BIN)/python -m grpc_tools.protoc -I . --python_out=. --grpc_python_out=. \
+		--plugin=protoc-gen-mypy=$(BIN)/protoc-gen-mypy --mypy_out=. \
+		--plugin=protoc-gen-mypy_grpc=$(BIN)/protoc-gen-mypy_grpc --mypy_grpc_out=. $(PROTO)
+
+serve: setup
+	$(BIN)/switchboard serve $(ARGS)

@@ -18,6 +18,7 @@ class Command(NamedTuple):
 
 
 COMMANDS: dict[str, Command] = {
+    "serve": Command("server.service.app", "run the gRPC server (server/config.yaml)"),
     "model": Command("server.cli", "prepare (convert and cache) or inspect the base model"),
     "manifest": Command("server.cli", "validate an adapter's switchboard.json manifest"),
 }

@@ -120,3 +120,15 @@ class EngineStopped(SwitchboardError):
 
 class EngineFault(SwitchboardError):
     """An unexpected failure inside an engine step; only the rows of that step end."""
+
+
+class ServiceUnavailable(SwitchboardError):
+    """The server is starting or shutting down; the caller may retry elsewhere or later."""
+
+
+class Unauthenticated(SwitchboardError):
+    """A call lacks a valid API key."""
+
+
+class PermissionDenied(SwitchboardError):
+    """A call's key is valid but not for this rpc (admin rpcs need the admin key)."""

@@ -49,9 +49,10 @@ def serve(base: str | Path, root: Path, max_loras: int = 4, max_cpu_adapters: in
 
 
 def add_manifest(folder: Path, fingerprint: str, name: str | None = None, **fields) -> None:
+    fields.setdefault("prompt_template", "Translate: {text}\n")
     manifest = AdapterManifest(
-        name=name or folder.name, prompt_template="Translate: {text}\n",
-        base_fingerprint=fingerprint, files=weight_file_digests(folder), **fields,
+        name=name or folder.name, base_fingerprint=fingerprint,
+        files=weight_file_digests(folder), **fields,
     )
     write_manifest(folder, manifest)
 

@@ -45,3 +45,29 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory, tokenizer) -> Path:
 @pytest.fixture(scope="session")
 def tiny_model(tiny_model_dir: Path) -> LoadedBaseModel:
     return load_base_model(tiny_model_dir, dtype="float32")
+
+
+@pytest.fixture(scope="session")
+def service_library(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path,
+                    tiny_model: LoadedBaseModel) -> tuple[Path, Path, dict[str, Path]]:
+    """Adapter root and routing table the shared live server serves (do not modify)."""
+    from tests.service_fixtures import ROUTING_YAML, make_library
+
+    folder = tmp_path_factory.mktemp("service")
+    root = folder / "adapters"
+    root.mkdir()
+    library = make_library(root, tiny_model_dir, tiny_model.base_fingerprint)
+    routing = folder / "routing.yaml"
+    routing.write_text(ROUTING_YAML)
+    return root, routing, library
+
+
+@pytest.fixture(scope="session")
+def live_server(tiny_model_dir: Path, service_library):
+    """One real server on a free loopback port for the whole session (tiny model)."""
+    from tests.service_fixtures import server_config, start_server
+
+    root, routing, _ = service_library
+    server = start_server(server_config(tiny_model_dir, root, routing))
+    yield server
+    server.stop()

@@ -96,6 +96,7 @@ class AdapterInfo:
     load_seconds: float | None
     previous_version: str | None
     error: str | None
+    manifest: AdapterManifest | None = None
 
 
 class AdapterLease:
@@ -138,6 +139,8 @@ class AdapterCache:
         self.stats = CacheStats()
         self.load_hook: Callable[[str], None] | None = None
         """Called on the loader thread before each disk load (tests inject delays)."""
+        self.on_load: Callable[[str, float], None] | None = None
+        """Called after each successful disk load with its seconds (metrics)."""
         self._lock = threading.RLock()
         self._entries: dict[tuple[str, str], _Entry] = {}
         self._current: dict[str, _Entry] = {}
@@ -227,6 +230,8 @@ class AdapterCache:
                 self._entries[key] = entry
                 self.stats.loads += 1
                 self.stats.load_seconds.append(seconds)
+                if self.on_load is not None:
+                    self.on_load(name, seconds)
             self._set_current(name, entry)
             self._signatures[name] = sig
             self._unsettled.pop(name, None)
@@ -470,6 +475,7 @@ class AdapterCache:
                 load_seconds=entry.load_seconds,
                 previous_version=previous.version if previous else None,
                 error=self._errors.get(name),
+                manifest=entry.validated.manifest,
             )
 
     def list_adapters(self) -> list[AdapterInfo]:

@@ -10,6 +10,7 @@ ignored; only the weight files and the manifest define a version.
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -54,7 +55,7 @@ class AdapterLocation:
 
 
 class AdapterStore:
-    def __init__(self, roots: list[str | os.PathLike[str]]) -> None:
+    def __init__(self, roots: Sequence[str | os.PathLike[str]]) -> None:
         if not roots:
             raise ValueError("at least one adapter root is needed")
         self.roots = [Path(r).expanduser().resolve() for r in roots]

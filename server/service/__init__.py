@@ -1,0 +1,1 @@
+"""The gRPC service: configuration, routing, auth, metrics and the server lifecycle."""

@@ -1,0 +1,255 @@
+"""The server's life: bind, load, serve, drain, stop. ``switchboard serve`` runs it.
+
+Start-up binds the gRPC port first, with the health service answering NOT_SERVING and
+generation answering UNAVAILABLE, so orchestrators can watch it come up; then it loads
+the base model (on a worker thread: the event loop keeps answering health checks), the
+engine, the adapter cache and the ``preload`` adapters, and only then turns SERVING.
+
+Shutdown (SIGTERM/SIGINT or :meth:`SwitchboardServer.shutdown`): health goes
+NOT_SERVING, new calls get UNAVAILABLE, in-flight calls get ``grace_period_s`` to finish,
+then the engine and the pollers stop; the process exits 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import sys
+import threading
+from pathlib import Path
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from protos.switchboard.v1 import switchboard_pb2 as pb
+from protos.switchboard.v1 import switchboard_pb2_grpc as pb_grpc
+from server.errors import SwitchboardError
+from server.service.auth import KeyChecker
+from server.service.config import DEFAULT_CONFIG_PATH, ServerConfig, load_config, parse_assignments
+from server.service.logs import configure_logging
+from server.service.metrics import ServiceMetrics
+from server.service.routing import RoutingTableFile
+from server.service.servicer import ServiceState, SwitchboardServicer
+
+log = logging.getLogger("switchboard.server")
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Switchboard"].full_name
+
+
+class SwitchboardServer:
+    def __init__(self, config: ServerConfig) -> None:
+        self.config = config
+        self.state = ServiceState()
+        self.metrics = ServiceMetrics()
+        self.servicer = SwitchboardServicer(
+            self.state, KeyChecker(config.api_keys, config.admin_key), self.metrics, config)
+        self.health = health.aio.HealthServicer()
+        self.server: grpc.aio.Server | None = None
+        self.port = 0
+        self.metrics_port = -1
+        self.engine: Any = None
+        self.cache: Any = None
+        self.routing: RoutingTableFile | None = None
+        self.ready = asyncio.Event()
+        self._stopped = asyncio.Event()
+        self._stop_polling = threading.Event()
+        self._poller: threading.Thread | None = None
+
+    @property
+    def address(self) -> str:
+        return f"{self.config.host}:{self.port}"
+
+    # -- start ---------------------------------------------------------------------------
+    async def start(self) -> None:
+        cfg = self.config
+        options = [("grpc.max_receive_message_length", cfg.max_message_bytes),
+                   ("grpc.max_send_message_length", cfg.max_message_bytes),
+                   ("grpc.so_reuseport", 0)]
+        self.server = grpc.aio.server(options=options)
+        pb_grpc.add_SwitchboardServicer_to_server(self.servicer, self.server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        reflection.enable_server_reflection(
+            (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server)
+        for service in ("", SERVICE_NAME):
+            await self.health.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
+        target = f"{cfg.host}:{cfg.port}"
+        if cfg.tls_cert:
+            credentials = grpc.ssl_server_credentials([(
+                cfg.resolve(cfg.tls_key).read_bytes(), cfg.resolve(cfg.tls_cert).read_bytes())])
+            self.port = self.server.add_secure_port(target, credentials)
+        else:
+            self.port = self.server.add_insecure_port(target)
+        await self.server.start()
+        if cfg.metrics_port >= 0:
+            self.metrics_port = self.metrics.serve(cfg.host, cfg.metrics_port)
+        log.info("listening (not serving until loaded)", extra={"fields": {
+            "address": self.address, "tls": bool(cfg.tls_cert),
+            "metrics_port": self.metrics_port}})
+        await asyncio.to_thread(self._load)
+        self.state.ready = True
+        for service in ("", SERVICE_NAME):
+            await self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
+        self.ready.set()
+        log.info("serving", extra={"fields": {"address": self.address}})
+
+    def _load(self) -> None:
+        """Base model, engine, adapter cache, routing table, preload (a worker thread)."""
+        from server.adapters.cache import AdapterCache
+        from server.adapters.store import AdapterStore
+        from server.basemodel import load_base_model
+        from server.engine.engine import Engine
+        from server.service.dispatch import Dispatcher
+
+        cfg = self.config
+        routing = RoutingTableFile(cfg.resolve(cfg.routing_table))
+        base_source = cfg.base_model if cfg.base_model == "default" else \
+            str(cfg.resolve(cfg.base_model))
+        base = load_base_model(base_source, device=cfg.device,
+                               dtype=None if cfg.dtype == "auto" else cfg.dtype,
+                               quantize=cfg.quantize)
+        log.info("base model loaded", extra={"fields": {
+            "source": base.info.source,
+            "device": str(base.model.device), "dtype": base.info.dtype,
+            "quantize": cfg.quantize, "fingerprint": base.base_fingerprint[:12]}})
+        engine = Engine(base.model, base.tokenizer, cfg.engine)
+        roots = [cfg.resolve(root) for root in cfg.adapter_roots]
+        cache = AdapterCache(AdapterStore(roots), engine.slots, base.base_fingerprint,
+                             max_cpu_adapters=cfg.max_cpu_adapters)
+        self.metrics.watch(engine, cache)
+        names = list(cfg.preload)
+        if "all" in names:
+            names = sorted(set(cache.store.names()) | (set(names) - {"all"}))
+        errors = cache.preload(names)
+        for name, error in errors.items():
+            log.error("preload failed; the adapter stays refused until its files change",
+                      extra={"fields": {"adapter": name, "error": error}})
+        log.info("adapters preloaded", extra={"fields": {
+            "loaded": [n for n in names if n not in errors], "failed": sorted(errors)}})
+        missing = sorted(routing.table.adapters() - set(cache.store.names()))
+        if missing:
+            log.warning("the routing table names adapters that are not on disk",
+                        extra={"fields": {"missing": missing,
+                                          "fallback": routing.table.fallback}})
+        if self.state.draining:  # stopped while loading: nothing will serve
+            engine.stop()
+            cache.close()
+            return
+        self.engine, self.cache, self.routing = engine, cache, routing
+        self.servicer.attach(Dispatcher(engine, cache, base.tokenizer, routing), cache)
+        self._poller = threading.Thread(target=self._poll, name="switchboard-poll",
+                                        daemon=True)
+        self._poller.start()
+
+    def _poll(self) -> None:
+        """Adapter folders and the routing table, every ``poll_interval_s``."""
+        while not self._stop_polling.wait(self.config.poll_interval_s):
+            try:
+                self.cache.poll_now()
+                if self.routing is not None:
+                    self.routing.check()
+            except Exception:
+                log.exception("poll failed")
+
+    # -- stop ----------------------------------------------------------------------------
+    async def shutdown(self, grace: float | None = None) -> None:
+        """Drain and stop; safe to call more than once."""
+        if self.state.draining:
+            await self._stopped.wait()
+            return
+        grace = self.config.grace_period_s if grace is None else grace
+        self.state.draining = True
+        log.info("draining", extra={"fields": {"in_flight": self.state.in_flight,
+                                               "grace_s": grace}})
+        await self.health.enter_graceful_shutdown()
+        finished = await self.state.wait_idle(grace)
+        if not finished:
+            log.warning("grace period over; cancelling the calls still running",
+                        extra={"fields": {"in_flight": self.state.in_flight}})
+        if self.server is not None:
+            await self.server.stop(0 if finished else 1.0)
+        self._stop_polling.set()
+        if self.engine is not None:
+            await asyncio.to_thread(self.engine.stop, False, 10.0)
+        if self.cache is not None:
+            self.cache.close()
+        self.metrics.close()
+        log.info("stopped")
+        self._stopped.set()
+
+    async def wait_stopped(self) -> None:
+        await self._stopped.wait()
+
+
+async def serve(config: ServerConfig, announce: bool = True) -> int:
+    """Run until SIGTERM/SIGINT; the exit code (0 after a clean drain)."""
+    server = SwitchboardServer(config)
+    loop = asyncio.get_running_loop()
+    stop_requested = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop_requested.set)
+    start = asyncio.create_task(server.start())
+    waiter = asyncio.create_task(stop_requested.wait())
+    done, _ = await asyncio.wait({start, waiter}, return_when=asyncio.FIRST_COMPLETED)
+    if start in done:
+        start.result()  # start-up errors end here, with their message
+        if announce:
+            print(f"switchboard: serving on {server.address}"
+                  + (f", metrics on http://{config.host}:{server.metrics_port}/metrics"
+                     if server.metrics_port >= 0 else ""), flush=True)
+        await waiter
+    else:
+        start.cancel()
+    await server.shutdown()
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="switchboard serve",
+        description="Run the Switchboard gRPC server (settings: server/config.yaml).")
+    parser.add_argument("--config", default=str(DEFAULT_CONFIG_PATH),
+                        help="YAML settings file (default: server/config.yaml)")
+    parser.add_argument("--host", help="address to bind (default 127.0.0.1)")
+    parser.add_argument("--port", type=int, help="gRPC port (0: a free one)")
+    parser.add_argument("--metrics-port", type=int, help="metrics port (-1: off)")
+    parser.add_argument("--base-model", help="default, a .gguf file or an HF folder")
+    parser.add_argument("--quantize", help="none, int8 or nf4")
+    parser.add_argument("--device", help="auto, cpu or cuda")
+    parser.add_argument("--adapters", action="append", dest="adapter_roots",
+                        help="adapter root folder (repeatable)")
+    parser.add_argument("--routing-table", help="routing table YAML")
+    parser.add_argument("--log-json", action="store_true", default=None,
+                        help="one JSON object per log line")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="any setting, e.g. --set engine.max_loras=16 (repeatable)")
+    return parser
+
+
+def main(argv: list[str]) -> int:
+    """``switchboard serve ...``: ``argv`` starts with the command name (dispatch table)."""
+    args = build_parser().parse_args(argv[1:])
+    try:
+        overrides = parse_assignments(args.set)
+        for key in ("host", "port", "metrics_port", "base_model", "quantize", "device",
+                    "adapter_roots", "routing_table", "log_json"):
+            value = getattr(args, key)
+            if value is not None:
+                overrides[key] = value
+        config = load_config(Path(args.config), overrides)
+    except SwitchboardError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    configure_logging(config.log_json, config.log_level)
+    log.info("configuration", extra={"fields": {"config": config.public_dict()}})
+    try:
+        return asyncio.run(serve(config))
+    except SwitchboardError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except (OSError, RuntimeError) as exc:  # e.g. the port is taken, a TLS file is missing
+        print(f"error: {str(exc).splitlines()[0][:200]}", file=sys.stderr)
+        return 2

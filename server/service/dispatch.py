@@ -1,0 +1,163 @@
+"""From a validated call to a running engine request: route, lease, template, submit.
+
+This is the service's core in plain types (no protobuf): the gRPC layer converts a
+request into a :class:`Call`, awaits :meth:`Dispatcher.start` and streams the returned
+handle's events. Everything a response reports about *how* it was served (adapter and
+version, route, fallback reason, template) is decided here, once.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any
+
+from server.adapters.cache import AdapterCache, AdapterLease
+from server.engine.engine import Engine
+from server.engine.request import GenerationRequest, RequestHandle
+from server.engine.sampling import SamplingParams
+from server.errors import (
+    AdapterIncompatible,
+    AdapterNotFound,
+    InvalidRequest,
+    PromptTemplateError,
+    SwitchboardError,
+)
+from server.formats.prompt import build_prompt
+from server.service.routing import Route, RouteDecision, RoutingTable
+
+CHAT_ROLES = ("system", "user", "assistant")
+
+
+class InputKind(StrEnum):
+    TEXT = "text"
+    PROMPT = "prompt"
+    MESSAGES = "messages"
+
+
+class TemplateSource(StrEnum):
+    ADAPTER = "adapter"
+    ROUTING_TABLE = "routing_table"
+    NONE = "none"
+    CHAT = "chat"
+
+
+@dataclass(frozen=True)
+class Call:
+    """One generation call, validated field by field (see ``convert.parse_generate``)."""
+
+    kind: InputKind
+    text: str = ""
+    """The utterance (TEXT) or the verbatim prompt (PROMPT)."""
+    messages: tuple[tuple[str, str], ...] = ()
+    dialect: str = ""
+    caller_number: str = ""
+    region: str = ""
+    weight_scale: float | None = None
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+    request_id: str = ""
+    deadline: float | None = None
+    """``time.monotonic()`` by which the client stops waiting."""
+
+
+@dataclass
+class Dispatched:
+    """A call on its way through the engine, and how it is being served."""
+
+    handle: RequestHandle
+    adapter: str | None
+    version: str
+    route: Route
+    route_detail: str
+    fallback_reason: str
+    template_source: TemplateSource
+    prompt_template: str
+    weight_scale: float
+    prompt_tokens: int
+    received_at: float
+
+
+class Dispatcher:
+    def __init__(self, engine: Engine, cache: AdapterCache, tokenizer: Any,
+                 routing: Any) -> None:
+        """``routing`` has a ``table`` attribute (a :class:`RoutingTableFile` or alike), so
+        a reloaded table takes effect at the next call."""
+        self.engine = engine
+        self.cache = cache
+        self.tokenizer = tokenizer
+        self.routing = routing
+
+    async def start(self, call: Call) -> Dispatched:
+        """Route, lease the adapter, build the prompt and submit; raise a domain error."""
+        received = time.monotonic()
+        table: RoutingTable = self.routing.table
+        decision = table.route(call.dialect, call.caller_number, call.region)
+        lease, fallback_reason, decision = await self._lease(decision, table)
+        try:
+            manifest = lease.manifest if lease is not None else None
+            prompt_ids, source, template = self._prompt(call, manifest, table)
+            if lease is None:
+                scale = 0.0
+            elif call.weight_scale is not None:
+                scale = call.weight_scale
+            else:
+                scale = manifest.default_weight_scale if manifest is not None else 1.0
+            request = GenerationRequest(prompt_ids, call.sampling, adapter=lease,
+                                        weight_scale=scale, request_id=call.request_id,
+                                        deadline=call.deadline)
+            handle = self.engine.submit(request)
+        except BaseException:
+            if lease is not None:
+                lease.release()  # submit did not take it: ours to release
+            raise
+        return Dispatched(
+            handle=handle, adapter=lease.name if lease else None,
+            version=lease.version if lease else "", route=decision.route,
+            route_detail=decision.detail, fallback_reason=fallback_reason,
+            template_source=source, prompt_template=template, weight_scale=scale,
+            prompt_tokens=len(prompt_ids), received_at=received,
+        )
+
+    async def _lease(self, decision: RouteDecision, table: RoutingTable
+                     ) -> tuple[AdapterLease | None, str, RouteDecision]:
+        if decision.adapter is None:
+            return None, "", decision
+        try:
+            return await self.cache.lease_async(decision.adapter), "", decision
+        except AdapterNotFound as exc:
+            if decision.route == Route.EXPLICIT:
+                names = ", ".join(self.cache.store.names()[:20]) or "none"
+                raise AdapterNotFound(f"{exc} (available: {names})") from None
+            problem: SwitchboardError = exc
+        except AdapterIncompatible as exc:
+            if decision.route == Route.EXPLICIT:
+                raise
+            problem = exc
+        if table.fallback == "error":
+            raise problem
+        reason = f"{decision.route.value} route to '{decision.adapter}' failed: {problem}"
+        return None, reason[:300], RouteDecision(None, Route.FALLBACK, decision.detail)
+
+    def _prompt(self, call: Call, manifest: Any, table: RoutingTable
+                ) -> tuple[list[int], TemplateSource, str]:
+        if call.kind == InputKind.TEXT:
+            if manifest is not None:
+                template, source = manifest.prompt_template, TemplateSource.ADAPTER
+            else:
+                template, source = table.prompt_template, TemplateSource.ROUTING_TABLE
+            try:
+                return build_prompt(template, call.text, self.tokenizer), source, template
+            except PromptTemplateError as exc:  # a bad template is the server's problem
+                raise SwitchboardError(f"prompt template of the route is invalid: {exc}") \
+                    from None
+        if call.kind == InputKind.PROMPT:
+            ids: list[int] = self.tokenizer.encode(call.text, add_special_tokens=False)
+            return ids, TemplateSource.NONE, ""
+        if getattr(self.tokenizer, "chat_template", None) is None:
+            raise InvalidRequest("messages: this base model's tokenizer has no chat template")
+        chat = [{"role": role, "content": content} for role, content in call.messages]
+        ids = self.tokenizer.apply_chat_template(chat, add_generation_prompt=True,
+                                                 tokenize=True, return_dict=False)
+        return list(ids), TemplateSource.CHAT, ""
+

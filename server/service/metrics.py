@@ -1,0 +1,113 @@
+"""Prometheus metrics, served as text over HTTP (``metrics_port``).
+
+Labels are ``adapter``, ``route`` and ``status`` only: never a caller number, request id
+or anything a caller typed, and ``adapter`` is the adapter that served (``(base)`` for
+the base model, ``(none)`` when the call failed before routing), never a requested name,
+so a client cannot grow the label set. Gauges and cache counters are read from the engine
+and the adapter cache at scrape time (one source of truth, no double bookkeeping).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+BASE_LABEL = "(base)"
+NO_ADAPTER_LABEL = "(none)"
+NO_ROUTE_LABEL = "none"
+_LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+_TOKEN_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5)
+
+
+class _LiveCollector(Collector):
+    """Engine gauges and adapter-cache counters, read when Prometheus scrapes."""
+
+    def __init__(self, engine: Any, cache: Any) -> None:
+        self.engine = engine
+        self.cache = cache
+
+    def collect(self) -> Iterator[Metric]:
+        stats = self.engine.stats()
+        yield GaugeMetricFamily("switchboard_queue_depth",
+                                "Requests waiting for admission to the batch",
+                                value=stats["waiting"])
+        yield GaugeMetricFamily("switchboard_running_batch_size",
+                                "Requests in the running batch", value=stats["running"])
+        cache_stats = self.cache.stats
+        for name, help_text in (
+            ("host_hits", "Adapter leases served from host memory"),
+            ("host_misses", "Adapter leases that had to load from disk"),
+            ("device_hits", "Admissions whose adapter was already in a device slot"),
+            ("device_misses", "Admissions that copied their adapter into a slot"),
+            ("host_evictions", "Adapters evicted from host memory"),
+            ("device_evictions", "Adapters evicted from a device slot"),
+            ("load_failures", "Adapter loads refused by validation or failed"),
+        ):
+            yield CounterMetricFamily(f"switchboard_adapter_{name}", help_text,
+                                      value=getattr(cache_stats, name))
+        usage = self.cache.usage()
+        yield GaugeMetricFamily("switchboard_adapter_slots_in_use",
+                                "Device slots holding an adapter", value=usage["slots_in_use"])
+        yield GaugeMetricFamily("switchboard_adapter_slots", "Device slots in all",
+                                value=self.cache.slots.num_slots)
+        yield GaugeMetricFamily("switchboard_adapters_in_host_memory",
+                                "Adapter versions held in host memory",
+                                value=usage["host_entries"])
+
+
+class ServiceMetrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter("switchboard_requests", "Generation calls by outcome",
+                                ["adapter", "route", "status"], registry=r)
+        self.latency = Histogram("switchboard_request_duration_seconds",
+                                 "End-to-end generation latency",
+                                 ["adapter", "route", "status"], buckets=_LATENCY_BUCKETS,
+                                 registry=r)
+        self.ttft = Histogram("switchboard_time_to_first_token_seconds",
+                              "Arrival to first generated token", ["adapter"],
+                              buckets=_LATENCY_BUCKETS, registry=r)
+        self.tpot = Histogram("switchboard_time_per_output_token_seconds",
+                              "Mean time per generated token after the first", ["adapter"],
+                              buckets=_TOKEN_BUCKETS, registry=r)
+        self.tokens = Counter("switchboard_generated_tokens", "Tokens generated",
+                              ["adapter"], registry=r)
+        self.adapter_load = Histogram("switchboard_adapter_load_seconds",
+                                      "Disk to validated-in-host-memory adapter load time",
+                                      buckets=_LATENCY_BUCKETS, registry=r)
+        self.admin = Counter("switchboard_admin_requests", "Admin calls by outcome",
+                             ["status"], registry=r)
+        self._http: Any = None
+
+    def watch(self, engine: Any, cache: Any) -> None:
+        """Export the engine's and the cache's live figures (once both exist)."""
+        self.registry.register(_LiveCollector(engine, cache))
+        cache.on_load = lambda _name, seconds: self.adapter_load.observe(seconds)
+
+    def observe_call(self, adapter: str, route: str, status: str, seconds: float,
+                     ttft_s: float | None = None, tokens: int = 0) -> None:
+        self.requests.labels(adapter, route, status).inc()
+        self.latency.labels(adapter, route, status).observe(seconds)
+        if tokens:
+            self.tokens.labels(adapter).inc(tokens)
+        if ttft_s is not None:
+            self.ttft.labels(adapter).observe(ttft_s)
+            if tokens > 1:
+                self.tpot.labels(adapter).observe(max(0.0, seconds - ttft_s) / (tokens - 1))
+
+    def serve(self, host: str, port: int) -> int:
+        """Start the HTTP endpoint; return the port it listens on."""
+        server, _thread = start_http_server(port, addr=host, registry=self.registry)
+        self._http = server
+        return int(server.server_port)
+
+    def close(self) -> None:
+        if self._http is not None:
+            self._http.shutdown()
+            self._http.server_close()
+            self._http = None
