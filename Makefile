@@ -57,6 +57,7 @@ clean-venv:
 bench: setup
 	$(BIN)/python -m bench.engine_bench
 	$(BIN)/python -m bench.adapters_bench
+	$(BIN)/python -m bench.e2e_bench
 
 # Stubs are committed so that clients work without grpcio-tools; tests/test_protos.py
 # fails when they are out of date with the .proto.

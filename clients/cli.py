@@ -19,6 +19,12 @@ class Command(NamedTuple):
 
 COMMANDS: dict[str, Command] = {
     "serve": Command("server.service.app", "run the gRPC server (server/config.yaml)"),
+    "generate": Command("clients.generate_cmd", "send an utterance (or --prompt), print it"),
+    "adapters": Command("clients.admin_cmd:adapters_main",
+                        "list, load, unload or reload adapters (admin)"),
+    "health": Command("clients.admin_cmd:health_main", "the server's health status"),
+    "callcenter": Command("clients.callcenter", "route a CSV of calls by caller number (demo)"),
+    "loadtest": Command("clients.loadtest", "drive a server with concurrent clients"),
     "model": Command("server.cli", "prepare (convert and cache) or inspect the base model"),
     "manifest": Command("server.cli", "validate an adapter's switchboard.json manifest"),
 }
@@ -43,8 +49,9 @@ def main(argv: list[str] | None = None) -> int:
             f"error: unknown command {name!r} (valid: {', '.join(COMMANDS)})", file=sys.stderr
         )
         return 2
-    module = importlib.import_module(COMMANDS[name].module)
-    return int(module.main(args))
+    module_name, _, function = COMMANDS[name].module.partition(":")
+    module = importlib.import_module(module_name)
+    return int(getattr(module, function or "main")(args))
 
 
 if __name__ == "__main__":

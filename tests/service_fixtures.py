@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import subprocess
+import sys
 import threading
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -19,7 +22,7 @@ import grpc
 from protos.switchboard.v1 import switchboard_pb2_grpc as pb_grpc
 from server.engine.config import EngineConfig
 from server.service.app import SwitchboardServer
-from server.service.config import ServerConfig
+from server.service.config import REPO_ROOT, ServerConfig
 from tests.adapter_fixtures import add_manifest
 from tests.lora_helpers import ALL_TARGETS, make_random_adapter
 
@@ -37,6 +40,7 @@ caller_numbers:
   "+86512": wuyu
   "+8620": cantonese
   "+852": cantonese
+  "+853": cantonese
   "+8610": ghost      # routed to an adapter that does not exist: falls back
   "+8699": broken     # routed to an adapter refused by validation: falls back
 regions:
@@ -150,3 +154,28 @@ def start_server(config: ServerConfig, timeout: float = 180.0) -> LiveServer:
         thread.join(30)
         raise holder["error"]
     return LiveServer(holder["server"], loop, thread)
+
+
+def spawn_server(args: list[str], log_path: Path, timeout: float = 300.0
+                 ) -> tuple[subprocess.Popen, str]:
+    """`switchboard serve ARGS` as a process; returns it and its address once serving."""
+    process = subprocess.Popen(
+        [sys.executable, "-m", "clients.cli", "serve", *args], cwd=REPO_ROOT,
+        env=dict(os.environ, HF_HUB_OFFLINE="1"), stdout=subprocess.PIPE,
+        stderr=log_path.open("w"), text=True)
+    address: list[str] = []
+
+    def read() -> None:
+        assert process.stdout is not None
+        for line in process.stdout:
+            if "serving on" in line:
+                address.append(line.split("serving on ")[1].split(",")[0].strip())
+                return
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    reader.join(timeout)
+    if not address:
+        process.kill()
+        raise AssertionError("server did not start:\n" + log_path.read_text()[-3000:])
+    return process, address[0]

@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
-import sys
 import threading
 from pathlib import Path
 
@@ -14,7 +12,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from protos.switchboard.v1 import switchboard_pb2 as pb
 from protos.switchboard.v1 import switchboard_pb2_grpc as pb_grpc
-from server.service.config import REPO_ROOT
+from tests.service_fixtures import spawn_server
 
 CONFIG = """
 port: 0
@@ -36,26 +34,8 @@ def start_process(tmp_path: Path) -> tuple[subprocess.Popen, str, Path]:
     config = tmp_path / "config.yaml"
     config.write_text(CONFIG.format(root=tmp_path / "adapters"))
     log_path = tmp_path / "server.log"
-    env = dict(os.environ, HF_HUB_OFFLINE="1")
-    process = subprocess.Popen(
-        [sys.executable, "-m", "clients.cli", "serve", "--config", str(config)],
-        cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=log_path.open("w"), text=True)
-    address: list[str] = []
-
-    def read() -> None:
-        assert process.stdout is not None
-        for line in process.stdout:
-            if "serving on" in line:
-                address.append(line.split("serving on ")[1].split(",")[0].strip())
-                return
-
-    reader = threading.Thread(target=read, daemon=True)
-    reader.start()
-    reader.join(300)
-    if not address:
-        process.kill()
-        raise AssertionError("server did not start:\n" + log_path.read_text()[-3000:])
-    return process, address[0], log_path
+    process, address = spawn_server(["--config", str(config)], log_path)
+    return process, address, log_path
 
 
 def test_sigterm_drains_in_flight_streams_and_exits_0(tmp_path):

@@ -22,8 +22,10 @@ from server.engine.config import EngineConfig
 from server.errors import InvalidOption
 
 ENV_PREFIX = "SWITCHBOARD_"
-NOT_CONFIG_ENV = {"SWITCHBOARD_CACHE_DIR"}
-"""Environment variables of the same prefix that are not server settings."""
+NOT_CONFIG_ENV = {"SWITCHBOARD_CACHE_DIR", "SWITCHBOARD_TARGET", "SWITCHBOARD_API_KEY",
+                  "SWITCHBOARD_TLS_ROOT_CERT"}
+"""Variables of the same prefix that are not server settings (model cache, client CLI).
+``SWITCHBOARD_ADMIN_KEY`` is both: the server's admin key and the one the CLI sends."""
 REPO_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_CONFIG_PATH = REPO_ROOT / "server" / "config.yaml"
 
