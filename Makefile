@@ -9,10 +9,11 @@ PIP := $(BIN)/python -m pip --quiet --disable-pip-version-check
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: help setup test test-slow lint typecheck bench clean-venv protos serve
+.PHONY: help setup test test-slow lint typecheck bench clean-venv protos serve train
 
 help:
 	@echo "make serve      start the gRPC server (server/config.yaml; ARGS='--port 50052' to override)"
+	@echo "make train ADAPTER=wuyu  train adapters/wuyu/train.yaml (or CONFIG=...), evaluate, publish"
 	@echo "make protos     regenerate the gRPC stubs from protos/ (committed; a test checks them)"
 	@echo "make setup      create .venv, install torch (CPU wheel), the project and the base model"
 	@echo "make test       the test suite (skips tests marked slow)"
@@ -58,6 +59,7 @@ bench: setup
 	$(BIN)/python -m bench.engine_bench
 	$(BIN)/python -m bench.adapters_bench
 	$(BIN)/python -m bench.e2e_bench
+	$(BIN)/python -m bench.trainer_bench
 
 # Stubs are committed so that clients work without grpcio-tools; tests/test_protos.py
 # fails when they are out of date with the .proto.
@@ -69,3 +71,8 @@ protos: setup
 
 serve: setup
 	$(BIN)/switchboard serve $(ARGS)
+
+# make train ADAPTER=wuyu [CONFIG=path/to/train.yaml] [ARGS="--set epochs=3 --force"]
+train: setup
+	@test -n "$(ADAPTER)$(CONFIG)" || { echo "error: give ADAPTER=<name> or CONFIG=<file>"; exit 2; }
+	$(BIN)/switchboard train --config $(or $(CONFIG),adapters/$(ADAPTER)/train.yaml) $(ARGS)

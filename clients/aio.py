@@ -82,12 +82,15 @@ class AsyncSwitchboardClient(ClientSettings):
             try:
                 call = self._stub.GenerateStream(request, timeout=attempts.remaining(),
                                                  metadata=self.metadata(False))
-                async for message in call:
-                    received = True
-                    if message.HasField("final"):
-                        yield generate_result(message.final)
-                    else:
-                        yield StreamChunk(message.text, message.tokens)
+                try:
+                    async for message in call:
+                        received = True
+                        if message.HasField("final"):
+                            yield generate_result(message.final)
+                        else:
+                            yield StreamChunk(message.text, message.tokens)
+                finally:
+                    call.cancel()  # a consumer that stopped early frees the server's row
                 return
             except grpc.RpcError as error:
                 failure = from_rpc_error(error, self.address)

@@ -23,6 +23,7 @@ COMMANDS: dict[str, Command] = {
     "adapters": Command("clients.admin_cmd:adapters_main",
                         "list, load, unload or reload adapters (admin)"),
     "health": Command("clients.admin_cmd:health_main", "the server's health status"),
+    "train": Command("trainer.cli", "train, evaluate and publish an adapter (YAML + CSV)"),
     "callcenter": Command("clients.callcenter", "route a CSV of calls by caller number (demo)"),
     "loadtest": Command("clients.loadtest", "drive a server with concurrent clients"),
     "model": Command("server.cli", "prepare (convert and cache) or inspect the base model"),

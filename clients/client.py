@@ -129,9 +129,10 @@ class SwitchboardClient(ClientSettings):
         attempts = self.attempts(timeout)
         while True:
             received = False
+            call = self._stub.GenerateStream(request, timeout=attempts.remaining(),
+                                             metadata=self.metadata(False))
             try:
-                for message in self._stub.GenerateStream(
-                        request, timeout=attempts.remaining(), metadata=self.metadata(False)):
+                for message in call:
                     received = True
                     if message.HasField("final"):
                         yield generate_result(message.final)
@@ -145,6 +146,9 @@ class SwitchboardClient(ClientSettings):
                     raise failure from None
                 self.retries += 1
                 time.sleep(wait)
+            finally:
+                if hasattr(call, "cancel"):
+                    call.cancel()  # a consumer that stopped early frees the server's row
 
     # -- admin ---------------------------------------------------------------------------
     def list_adapters(self, timeout: float | None = None) -> list[AdapterStatus]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import random
 import shutil
 import threading
@@ -193,6 +194,38 @@ def test_concurrent_requests_for_a_cold_adapter_load_it_once(tiny_model_dir, lib
         assert len({lease.version for lease in leases}) == 1
         for lease in leases:
             lease.release()
+    finally:
+        served.close()
+
+
+def test_a_cancelled_waiter_does_not_cancel_a_shared_queued_load(tiny_model_dir, library,
+                                                                 tmp_path):
+    """A request that goes away while its adapter's load is still queued (every loader
+    thread busy) must not cancel the load the others share, nor poison the adapter."""
+    root = _root_with(tmp_path, library, ["a06", "a07", "a08"])
+    served = serve(tiny_model_dir, root)
+    try:
+        gate = threading.Event()
+        served.cache.load_hook = lambda name: gate.wait(30) if name != "a08" else None
+        busy = [threading.Thread(target=lambda n=n: served.cache.lease(n).release())
+                for n in ("a06", "a07")]  # both loader threads held
+        for thread in busy:
+            thread.start()
+        wait_for(lambda: served.cache.usage()["loading"] == 2)
+
+        async def give_up() -> None:
+            task = asyncio.ensure_future(served.cache.lease_async("a08"))
+            await asyncio.sleep(0)  # the load of a08 is queued behind the held two
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+
+        asyncio.run(give_up())
+        gate.set()
+        served.cache.lease("a08", timeout=30).release()  # loads; not a cancelled future
+        for thread in busy:
+            thread.join(30)
+        assert served.cache.usage()["version_pins"] == 0
     finally:
         served.close()
 

@@ -12,8 +12,15 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerBase
 
 
-def build_tiny_llama(folder: Path, tokenizer: PreTrainedTokenizerBase, seed: int = 0) -> Path:
-    """Save a randomly initialised 2-layer LLaMA and ``tokenizer`` into ``folder``."""
+def build_tiny_llama(folder: Path, tokenizer: PreTrainedTokenizerBase, seed: int = 0,
+                     trainable: bool = False) -> Path:
+    """Save a randomly initialised 2-layer LLaMA and ``tokenizer`` into ``folder``.
+
+    ``trainable`` makes a variant a LoRA can fit in a few hundred steps (trainer tests):
+    with transformers' default init (std 0.02) the logits are near-uniform and the final
+    norm bounds the hidden state, so a LoRA cannot sharpen them much; and SmolLM2's pad
+    token is its EOS, whose embedding row ``padding_idx`` zeroes, which (embeddings being
+    tied) pins the EOS logit at 0. The variant uses std 0.3 and no pad token."""
     config = LlamaConfig(
         vocab_size=len(tokenizer),
         hidden_size=64,
@@ -26,7 +33,8 @@ def build_tiny_llama(folder: Path, tokenizer: PreTrainedTokenizerBase, seed: int
         tie_word_embeddings=True,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
+        pad_token_id=None if trainable else tokenizer.pad_token_id,
+        initializer_range=0.3 if trainable else 0.02,
     )
     torch.manual_seed(seed)
     model = LlamaForCausalLM(config)

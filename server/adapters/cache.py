@@ -167,7 +167,8 @@ class AdapterCache:
     async def lease_async(self, name: str) -> AdapterLease:
         """As :meth:`lease`, awaiting the load without blocking the event loop."""
         while True:
-            entry = await asyncio.wrap_future(self._entry_future(name))
+            # shield: cancelling this caller must not cancel the load other callers share
+            entry = await asyncio.shield(asyncio.wrap_future(self._entry_future(name)))
             lease = self._make_lease(entry)
             if lease is not None:
                 return lease
@@ -188,7 +189,7 @@ class AdapterCache:
         """A load of the folder's current contents; joins one already under way."""
         with self._lock:
             future = self._loading.get(name)
-            if future is None:
+            if future is None or future.cancelled():
                 location = self.store.locate(name)  # NotFound / Refused raise here
                 future = self._executor.submit(self._load, name, location)
                 self._loading[name] = future

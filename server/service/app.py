@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import logging
 import signal
 import sys
@@ -57,6 +58,8 @@ class SwitchboardServer:
         self.ready = asyncio.Event()
         self._stopped = asyncio.Event()
         self._stop_polling = threading.Event()
+        self._publish = threading.Lock()
+        """Orders "the load publishes the engine" against "shutdown starts draining"."""
         self._poller: threading.Thread | None = None
 
     @property
@@ -89,12 +92,40 @@ class SwitchboardServer:
         log.info("listening (not serving until loaded)", extra={"fields": {
             "address": self.address, "tls": bool(cfg.tls_cert),
             "metrics_port": self.metrics_port}})
-        await asyncio.to_thread(self._load)
+        await self._load_off_loop()
+        if self.state.draining:  # told to stop while loading
+            return
         self.state.ready = True
         for service in ("", SERVICE_NAME):
             await self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
         self.ready.set()
         log.info("serving", extra={"fields": {"address": self.address}})
+
+    async def _load_off_loop(self) -> None:
+        """Run :meth:`_load` on a daemon thread: unlike the loop's executor (joined at
+        exit), it cannot keep a process that was told to stop alive until loading ends."""
+        loop = asyncio.get_running_loop()
+        done: asyncio.Future[None] = loop.create_future()
+
+        def settle(error: BaseException | None) -> None:
+            if done.done():
+                return
+            if error is None:
+                done.set_result(None)
+            else:
+                done.set_exception(error)
+
+        def work() -> None:
+            error: BaseException | None = None
+            try:
+                self._load()
+            except BaseException as exc:  # handed to the awaiting coroutine
+                error = exc
+            with contextlib.suppress(RuntimeError):  # the loop is gone: nobody waits
+                loop.call_soon_threadsafe(settle, error)
+
+        threading.Thread(target=work, name="switchboard-load", daemon=True).start()
+        await done
 
     def _load(self) -> None:
         """Base model, engine, adapter cache, routing table, preload (a worker thread)."""
@@ -134,15 +165,16 @@ class SwitchboardServer:
             log.warning("the routing table names adapters that are not on disk",
                         extra={"fields": {"missing": missing,
                                           "fallback": routing.table.fallback}})
-        if self.state.draining:  # stopped while loading: nothing will serve
-            engine.stop()
-            cache.close()
-            return
-        self.engine, self.cache, self.routing = engine, cache, routing
-        self.servicer.attach(Dispatcher(engine, cache, base.tokenizer, routing), cache)
-        self._poller = threading.Thread(target=self._poll, name="switchboard-poll",
-                                        daemon=True)
-        self._poller.start()
+        with self._publish:
+            if self.state.draining:  # stopped while loading: nothing will serve
+                engine.stop()
+                cache.close()
+                return
+            self.engine, self.cache, self.routing = engine, cache, routing
+            self.servicer.attach(Dispatcher(engine, cache, base.tokenizer, routing), cache)
+            self._poller = threading.Thread(target=self._poll, name="switchboard-poll",
+                                            daemon=True)
+            self._poller.start()
 
     def _poll(self) -> None:
         """Adapter folders and the routing table, every ``poll_interval_s``."""
@@ -161,7 +193,8 @@ class SwitchboardServer:
             await self._stopped.wait()
             return
         grace = self.config.grace_period_s if grace is None else grace
-        self.state.draining = True
+        with self._publish:  # a load finishing now either sees this or is stopped below
+            self.state.draining = True
         log.info("draining", extra={"fields": {"in_flight": self.state.in_flight,
                                                "grace_s": grace}})
         await self.health.enter_graceful_shutdown()

@@ -10,6 +10,7 @@ Secrets (API keys) are best given by environment, never in a committed file.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import typing
 from dataclasses import dataclass, field, fields
@@ -26,6 +27,8 @@ NOT_CONFIG_ENV = {"SWITCHBOARD_CACHE_DIR", "SWITCHBOARD_TARGET", "SWITCHBOARD_AP
                   "SWITCHBOARD_TLS_ROOT_CERT"}
 """Variables of the same prefix that are not server settings (model cache, client CLI).
 ``SWITCHBOARD_ADMIN_KEY`` is both: the server's admin key and the one the CLI sends."""
+MAX_MESSAGE_BYTES = 2**31 - 1
+"""grpc channel options are 32-bit signed integers."""
 REPO_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_CONFIG_PATH = REPO_ROOT / "server" / "config.yaml"
 
@@ -88,8 +91,12 @@ class ServerConfig:
             if getattr(self, name) <= 0:
                 raise InvalidOption(f"setting {name} must be > 0, got {getattr(self, name)}")
         for name in ("poll_interval_s", "grace_period_s"):
-            if getattr(self, name) <= 0:
-                raise InvalidOption(f"setting {name} must be > 0, got {getattr(self, name)}")
+            value = getattr(self, name)
+            if not math.isfinite(value) or not 0 < value <= 86400:
+                raise InvalidOption(f"setting {name} must be in (0, 86400] seconds, got {value}")
+        if self.max_message_bytes > MAX_MESSAGE_BYTES:
+            raise InvalidOption(f"setting max_message_bytes must be <= {MAX_MESSAGE_BYTES}, "
+                                f"got {self.max_message_bytes}")
         if self.default_max_new_tokens > self.engine.max_new_tokens_limit:
             raise InvalidOption(
                 f"setting default_max_new_tokens ({self.default_max_new_tokens}) exceeds "
@@ -149,9 +156,10 @@ def _coerce(value: Any, kind: Any, key: str) -> Any:
         if isinstance(value, bool):
             return _bad(key, "a number", value)
         try:
-            return float(value)
+            number = float(value)
         except (TypeError, ValueError):
             return _bad(key, "a number", value)
+        return number if math.isfinite(number) else _bad(key, "a finite number", value)
     if kind is str:
         if isinstance(value, str | int | float) and not isinstance(value, bool):
             return str(value)
@@ -166,7 +174,7 @@ def _bad(key: str, what: str, value: Any) -> Any:
 def _build(cls: type, data: dict[str, Any], prefix: str) -> Any:
     hints = _field_types(cls)
     names = [f.name for f in fields(cls)]
-    unknown = sorted(set(data) - set(names))
+    unknown = sorted(set(data) - set(names), key=str)
     if unknown:
         raise InvalidOption(
             f"unknown setting {prefix}{unknown[0]!r} (valid: {', '.join(names)})"
@@ -242,6 +250,8 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
             loaded = yaml.safe_load(file.read_text(encoding="utf-8"))
         except FileNotFoundError:
             raise InvalidOption(f"config file {file} does not exist") from None
+        except (OSError, UnicodeDecodeError) as exc:
+            raise InvalidOption(f"config file {file} cannot be read ({exc})") from None
         except yaml.YAMLError as exc:
             raise InvalidOption(f"config file {file}: not valid YAML "
                                 f"({str(exc).splitlines()[0][:80]})") from None

@@ -74,8 +74,8 @@ def normalize_number(number: str, national_prefix: str | None = None) -> str:
     elif cleaned.startswith("0") and national_prefix:
         cleaned = national_prefix + cleaned[1:]
     if not _NUMBER_RE.match(cleaned):
-        raise InvalidRequest(
-            f"caller_number {number[:24]!r} is not a phone number in international form "
+        raise InvalidRequest(  # never quoted: a caller number must not reach the logs
+            "caller_number is not a phone number in international form "
             "(+<country code><number>, digits only besides spaces and dashes)"
         )
     return cleaned
@@ -121,7 +121,7 @@ class RoutingTable:
             data = {}
         if not isinstance(data, dict):
             raise InvalidOption(f"{source}: top level must be a mapping")
-        unknown = sorted(set(data) - set(_KEYS))
+        unknown = sorted(set(data) - set(_KEYS), key=str)
         if unknown:
             raise InvalidOption(
                 f"{source}: unknown key {unknown[0]!r} (valid: {', '.join(_KEYS)})"
@@ -171,6 +171,8 @@ class RoutingTable:
             data = yaml.safe_load(path.read_text(encoding="utf-8"))
         except FileNotFoundError:
             raise InvalidOption(f"routing table {path} does not exist") from None
+        except OSError as exc:
+            raise InvalidOption(f"routing table {path} cannot be read ({exc})") from None
         except (yaml.YAMLError, UnicodeDecodeError) as exc:
             raise InvalidOption(f"routing table {path}: not valid YAML "
                                 f"({str(exc).splitlines()[0][:80]})") from None

@@ -179,7 +179,11 @@ class SwitchboardServicer(pb_grpc.SwitchboardServicer):
         """Record and log a failed call, then end it with its status (raises)."""
         request_id = outcome.call.request_id if outcome.call else "-"
         if isinstance(exc, asyncio.CancelledError | GeneratorExit):  # the client went away
-            outcome.status, outcome.message = grpc.StatusCode.CANCELLED, "client cancelled"
+            remaining = context.time_remaining()
+            if remaining is not None and remaining <= 0:  # ... because its deadline passed
+                outcome.status, outcome.message = grpc.StatusCode.DEADLINE_EXCEEDED, "deadline"
+            else:
+                outcome.status, outcome.message = grpc.StatusCode.CANCELLED, "client cancelled"
             self._record(outcome, started)
             raise exc
         if isinstance(exc, _CallEnded):

@@ -1,0 +1,246 @@
+"""TrainConfig: one YAML file describes a training run; every key documented once.
+
+The founding document's keys work as written (``train_data_dir``, ``metadata_path``,
+``base_model``, ``task_type``, ``lora_rank``, ``lora_alpha``, ``dropout``, ``batch_size``,
+``epochs``, ``learning_rate``, ``max_seq_length``, ``output_dir``, ``save_steps``), and
+common spellings of other tools are accepted as aliases (``lora_r``, ``lora_dropout``,
+``num_epochs`` ...). An unknown key is an error that suggests the closest valid one.
+Relative paths are taken from the config file's folder.
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+import typing
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from server.errors import InvalidOption
+from server.formats.manifest import ADAPTER_NAME_RE
+from server.formats.prompt import DEFAULT_PROMPT_TEMPLATE, validate_template
+
+ALL_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+ALIASES = {
+    "lora_r": "lora_rank", "r": "lora_rank", "rank": "lora_rank",
+    "lora_dropout": "dropout",
+    "num_epochs": "epochs", "num_train_epochs": "epochs",
+    "lr": "learning_rate",
+    "gradient_accumulation_steps": "grad_accum",
+    "per_device_train_batch_size": "batch_size",
+    "max_length": "max_seq_length", "cutoff_len": "max_seq_length",
+    "eval_steps": "eval_every",
+    "warmup": "warmup_ratio",
+}
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    metadata_path: str
+    """The training data: a CSV with ``text,label`` columns or a JSONL file with those keys."""
+    name: str = ""
+    """Adapter name (``adapters/<name>/``); default: the config file's folder name."""
+    train_data_dir: str = ""
+    """Folder ``metadata_path`` and ``val_path`` are relative to (default: the config's)."""
+    base_model: str = "default"
+    """``default`` (SmolLM2-135M-Instruct), a ``.gguf`` file or an HF model folder."""
+    task_type: str = "text-generation"
+    """Only ``text-generation`` (a prompt, then the label as the answer)."""
+    lora_rank: int = 8
+    lora_alpha: float = 16.0
+    dropout: float = 0.05
+    """LoRA dropout."""
+    target_modules: tuple[str, ...] = ("q_proj", "v_proj")
+    """Linear layers to adapt; ``all-linear`` means all seven."""
+    use_rslora: bool = False
+    """Scale by alpha / sqrt(rank) instead of alpha / rank."""
+    prompt_template: str = DEFAULT_PROMPT_TEMPLATE
+    """How an utterance becomes a prompt: exactly one ``{text}``; served with the adapter."""
+    mask_prompt: bool = True
+    """Learn only the answer (prompt tokens carry no loss)."""
+    max_seq_length: int = 256
+    """Prompt + answer tokens per row; longer rows are cut (rows left with no answer are
+    dropped, with a count)."""
+    batch_size: int = 8
+    grad_accum: int = 1
+    """Micro-batches per optimizer step."""
+    epochs: float = 3.0
+    learning_rate: float = 2e-4
+    warmup_ratio: float = 0.05
+    """Share of the optimizer steps over which the learning rate ramps up linearly."""
+    weight_decay: float = 0.0
+    seed: int = 0
+    """Same seed, same data, same config: same adapter (on the CPU)."""
+    val_split: float = 0.1
+    """Share of the rows held out for validation (ignored with ``val_path``)."""
+    val_path: str = ""
+    """A separate validation file (same format as the training data)."""
+    eval_every: int = 0
+    """Validation loss every this many optimizer steps; 0: at the end of each epoch."""
+    early_stopping_patience: int = 0
+    """Stop after this many evaluations without a better validation loss (0: never);
+    the best checkpoint is what is published."""
+    save_steps: int = 50
+    """Checkpoint every this many optimizer steps (0: only the final one)."""
+    output_dir: str = ""
+    """Checkpoints, metrics.json and loss.png; default ``runs/<name>`` next to the config."""
+    quantize: str = "none"
+    """``none`` or ``nf4`` (QLoRA: the frozen base in 4 bits)."""
+    init_from: str = ""
+    """An existing adapter folder to keep training (e.g. on a new batch of examples)."""
+    resume_from: str = ""
+    """A checkpoint folder (``<output_dir>/checkpoints/step-N``) to resume exactly."""
+    default_weight_scale: float = 1.0
+    """Written to the manifest: the scale the server applies when a request sets none."""
+    dialect: str = ""
+    """Human-facing dialect label for the manifest (default: the name)."""
+    description: str = ""
+    adapters_root: str = ""
+    """Where to publish (default: the repository's ``adapters/``)."""
+    eval_max_new_tokens: int = 64
+    eval_samples: int = 64
+    """Validation rows generated from at the end (chrF/BLEU for base and adapter)."""
+    device: str = "auto"
+    config_dir: str = field(default=".", repr=False)
+    """Set by the loader: the folder relative paths are taken from."""
+
+    def __post_init__(self) -> None:
+        positive = ("lora_rank", "batch_size", "grad_accum", "max_seq_length",
+                    "eval_max_new_tokens")
+        for name in positive:
+            if getattr(self, name) <= 0:
+                raise InvalidOption(f"{name} must be > 0, got {getattr(self, name)}")
+        for name in ("save_steps", "eval_every", "early_stopping_patience", "eval_samples"):
+            if getattr(self, name) < 0:
+                raise InvalidOption(f"{name} must be >= 0, got {getattr(self, name)}")
+        if not (math.isfinite(self.epochs) and self.epochs > 0):
+            raise InvalidOption(f"epochs must be > 0, got {self.epochs}")
+        if not (math.isfinite(self.learning_rate) and self.learning_rate > 0):
+            raise InvalidOption(f"learning_rate must be > 0, got {self.learning_rate}")
+        for name in ("dropout", "warmup_ratio"):
+            if not 0 <= getattr(self, name) < 1:
+                raise InvalidOption(f"{name} must be in [0, 1), got {getattr(self, name)}")
+        if not 0 <= self.val_split < 1:
+            raise InvalidOption(f"val_split must be in [0, 1), got {self.val_split}")
+        if self.task_type != "text-generation":
+            raise InvalidOption(f"task_type must be text-generation, got {self.task_type!r}")
+        if self.quantize not in ("none", "nf4"):
+            raise InvalidOption(f"quantize must be none or nf4, got {self.quantize!r}")
+        if not ADAPTER_NAME_RE.fullmatch(self.name):
+            raise InvalidOption(f"name {self.name[:40]!r} is not an adapter name "
+                                "([a-z0-9][a-z0-9_-]{0,63})")
+        unknown = set(self.target_modules) - set(ALL_LINEAR)
+        if unknown or not self.target_modules:
+            raise InvalidOption(f"target_modules: unknown module {sorted(unknown)[:1]} "
+                                f"(valid: {', '.join(ALL_LINEAR)} or all-linear)")
+        try:
+            validate_template(self.prompt_template)
+        except Exception as exc:
+            raise InvalidOption(f"prompt_template: {exc}") from None
+        if not (math.isfinite(self.default_weight_scale) and self.default_weight_scale >= 0):
+            raise InvalidOption("default_weight_scale must be a finite number >= 0")
+
+    def path(self, value: str, data: bool = False) -> Path:
+        """A configured path; relative ones from the data folder or the config's folder."""
+        p = Path(value).expanduser()
+        if p.is_absolute():
+            return p
+        base = Path(self.config_dir)
+        if data and self.train_data_dir:
+            base = self.path(self.train_data_dir)
+        return base / p
+
+    @property
+    def output_path(self) -> Path:
+        return self.path(self.output_dir or f"runs/{self.name}")
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data.pop("config_dir")
+        data["target_modules"] = list(self.target_modules)
+        return data
+
+
+def _coerce(key: str, value: Any, kind: Any) -> Any:
+    def bad(what: str) -> InvalidOption:
+        return InvalidOption(f"{key} must be {what}, got {str(value)[:40]!r}")
+
+    if typing.get_origin(kind) is tuple:
+        if value == "all-linear":
+            return ALL_LINEAR
+        if isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if not isinstance(value, list | tuple) or not all(isinstance(v, str) for v in value):
+            raise bad("a list of module names or all-linear")
+        return tuple(value)
+    if kind is bool:
+        if isinstance(value, bool):
+            return value
+        raise bad("true or false")
+    if kind is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise bad("an integer")
+        return value
+    if kind is float:
+        if isinstance(value, str):  # YAML 1.1 reads 2e-4 (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                raise bad("a number") from None
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise bad("a number")
+        return float(value)
+    if not isinstance(value, str):
+        raise bad("a string")
+    return value
+
+
+def config_from_dict(data: dict[str, Any], config_dir: Path, source: str = "config"
+                     ) -> TrainConfig:
+    hints = typing.get_type_hints(TrainConfig)
+    valid = [f.name for f in fields(TrainConfig) if f.name != "config_dir"]
+    values: dict[str, Any] = {}
+    for raw_key, value in data.items():
+        key = ALIASES.get(str(raw_key), str(raw_key))
+        if key not in valid:
+            close = difflib.get_close_matches(str(raw_key), valid + list(ALIASES), n=1)
+            hint = f"; did you mean {ALIASES.get(close[0], close[0])!r}?" if close else ""
+            raise InvalidOption(f"{source}: unknown key {str(raw_key)[:40]!r}{hint}")
+        if key in values:
+            raise InvalidOption(f"{source}: {key} is given twice (as {raw_key!r} too)")
+        values[key] = _coerce(key, value, hints[key])
+    if "metadata_path" not in values:
+        raise InvalidOption(f"{source}: metadata_path (the CSV or JSONL data file) is required")
+    values.setdefault("name", config_dir.resolve().name)
+    try:
+        return TrainConfig(config_dir=str(config_dir), **values)
+    except InvalidOption as exc:
+        raise InvalidOption(f"{source}: {exc}") from None
+
+
+def load_train_config(path: str | Path, overrides: list[str] | None = None) -> TrainConfig:
+    """Read ``path`` (YAML) and apply ``--set key=value`` overrides."""
+    file = Path(path)
+    try:
+        data = yaml.safe_load(file.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise InvalidOption(f"config file {file} does not exist") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise InvalidOption(f"config file {file} cannot be read ({exc})") from None
+    except yaml.YAMLError as exc:
+        raise InvalidOption(f"{file}: not valid YAML ({str(exc).splitlines()[0][:80]})") \
+            from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise InvalidOption(f"{file}: top level must be a mapping")
+    for pair in overrides or []:
+        key, sep, value = pair.partition("=")
+        if not sep:
+            raise InvalidOption(f"--set expects key=value, got {pair[:40]!r}")
+        data[key.strip()] = yaml.safe_load(value) if value.strip() else ""
+    return config_from_dict(data, file.parent, file.name)

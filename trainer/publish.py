@@ -1,0 +1,128 @@
+"""Publish a trained adapter into ``adapters/<name>/`` so a running server picks it up.
+
+Order matters (DESIGN.md decision 7): the two weight files are written to temporary
+names and moved into place with ``os.replace``, and the ``switchboard.json`` manifest,
+which records their digests, comes last; the server accepts a version only when the
+files match the manifest, so it never serves a half-written adapter.
+
+The gate: when an adapter of that name is already published with a validation chrF and
+the new one scores lower, nothing is replaced unless ``force``. The replaced version's
+files are kept in ``adapters/<name>/previous/`` for rollback.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from server.errors import ManifestError
+from server.formats.manifest import (
+    ADAPTER_CONFIG_FILE,
+    ADAPTER_WEIGHTS_FILE,
+    MANIFEST_FILE,
+    AdapterManifest,
+    adapter_version,
+    read_manifest,
+    weight_file_digests,
+    write_manifest,
+)
+from trainer.config import TrainConfig
+
+PREVIOUS_DIR = "previous"
+
+
+@dataclass(frozen=True)
+class PublishResult:
+    published: bool
+    folder: Path
+    version: str | None
+    message: str
+
+
+def _atomic_copy(source: Path, target: Path) -> None:
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(source.read_bytes())
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, target)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def gate(existing: AdapterManifest | None, new_chrf: float | None, force: bool
+         ) -> str | None:
+    """Why publishing is refused, or None."""
+    if force or existing is None or new_chrf is None:
+        return None
+    old = existing.metrics.get("val_chrf")
+    if old is not None and new_chrf < old:
+        return (f"not published: validation chrF {new_chrf:.2f} is below the published "
+                f"version's {old:.2f} (use --force to publish anyway)")
+    return None
+
+
+def model_card(config: TrainConfig, metrics: dict[str, float], version: str) -> str:
+    rows = "\n".join(f"| {k} | {v:g} |" for k, v in sorted(metrics.items()))
+    return f"""# {config.name}
+
+LoRA adapter for Switchboard ({config.dialect or config.name}), version `{version[:12]}`.
+{config.description}
+
+- base model: `{config.base_model}`; LoRA rank {config.lora_rank}, alpha {config.lora_alpha:g},
+  targets {", ".join(config.target_modules)}
+- prompt template: `{config.prompt_template!r}`
+- default weight scale: {config.default_weight_scale:g}
+- training: {config.epochs:g} epochs, batch {config.batch_size} x {config.grad_accum},
+  learning rate {config.learning_rate:g}, seed {config.seed}
+
+| metric | value |
+| --- | --- |
+{rows}
+
+Serve it: a running `switchboard serve` picks this folder up by itself; call it with
+`switchboard generate --dialect {config.name} "..."`.
+"""
+
+
+def publish(config: TrainConfig, adapter_dir: Path, base_fingerprint: str,
+            metrics: dict[str, float], data_digest: str, root: Path,
+            force: bool = False) -> PublishResult:
+    target = root / config.name
+    existing = None
+    if (target / MANIFEST_FILE).exists():
+        try:
+            existing = read_manifest(target / MANIFEST_FILE)
+        except ManifestError:
+            existing = None  # an unreadable manifest protects nothing
+    refusal = gate(existing, metrics.get("val_chrf"), force)
+    if refusal is not None:
+        return PublishResult(False, target, None, refusal)
+    target.mkdir(parents=True, exist_ok=True)
+    if (target / ADAPTER_WEIGHTS_FILE).exists():
+        previous = target / PREVIOUS_DIR
+        shutil.rmtree(previous, ignore_errors=True)
+        previous.mkdir()
+        for name in (ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE, MANIFEST_FILE):
+            if (target / name).exists():
+                shutil.copy2(target / name, previous / name)
+    for name in (ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE):
+        _atomic_copy(adapter_dir / name, target / name)
+    numbers: dict[str, Any] = {k: float(v) for k, v in metrics.items()}
+    manifest = AdapterManifest(
+        name=config.name, prompt_template=config.prompt_template,
+        base_fingerprint=base_fingerprint, files=weight_file_digests(target),
+        dialect=config.dialect or config.name, description=config.description,
+        default_weight_scale=config.default_weight_scale, training_data_digest=data_digest,
+        metrics=numbers, training_config=config.to_dict())
+    write_manifest(target, manifest)  # last: it makes the new version acceptable
+    version = adapter_version(target)
+    (target / "README.md").write_text(model_card(config, numbers, version), encoding="utf-8")
+    return PublishResult(True, target, version, f"published {config.name} {version[:12]} to "
+                                                f"{target}")

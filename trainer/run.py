@@ -1,0 +1,126 @@
+"""One training run, end to end: data → model → loop → evaluation → publish."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from peft import set_peft_model_state_dict
+from safetensors.torch import load_file
+
+from server.errors import InvalidOption
+from server.service.config import REPO_ROOT
+from trainer.config import TrainConfig
+from trainer.data import data_digest, encode, read_rows, split
+from trainer.evaluate import generate_answers, plot_losses, score
+from trainer.loop import train_loop
+from trainer.model import load_for_training
+from trainer.publish import PublishResult, publish
+
+log = logging.getLogger("switchboard.trainer")
+
+
+@dataclass(frozen=True)
+class RunResult:
+    metrics: dict[str, float]
+    adapter_dir: Path
+    """The adapter that was evaluated (and published): the best by validation loss."""
+    output_dir: Path
+    published: PublishResult | None
+
+
+def train(config: TrainConfig, *, do_publish: bool = True, force: bool = False,
+          quiet: bool = False) -> RunResult:
+    started = time.perf_counter()
+    data_path = config.path(config.metadata_path, data=True)
+    rows = read_rows(data_path)
+    data_files = [data_path]
+    if config.val_path:
+        val_file = config.path(config.val_path, data=True)
+        train_rows, val_rows = rows, read_rows(val_file)
+        data_files.append(val_file)
+    else:
+        train_rows, val_rows = split(rows, config.val_split, config.seed)
+
+    torch.manual_seed(config.seed)  # LoRA initialisation is part of the seeded run
+    base, model = load_for_training(config)
+    tokenizer = base.tokenizer
+    train_set = encode(train_rows, tokenizer, config.prompt_template, config.max_seq_length,
+                       config.mask_prompt)
+    val_set = encode(val_rows, tokenizer, config.prompt_template, config.max_seq_length,
+                     config.mask_prompt)
+    dropped = train_set.dropped + val_set.dropped
+    truncated = train_set.truncated + val_set.truncated
+    if truncated:
+        log.warning("%d rows were cut to max_seq_length=%d (their answers lose the end)",
+                    truncated, config.max_seq_length)
+    if dropped:
+        log.warning("%d rows dropped: their prompt alone fills max_seq_length=%d",
+                    dropped, config.max_seq_length)
+    if not train_set.examples:
+        raise InvalidOption(f"max_seq_length={config.max_seq_length} cuts the whole answer of "
+                            f"every training row ({dropped} dropped); raise it")
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else \
+        tokenizer.eos_token_id
+    output = config.output_path
+    output.mkdir(parents=True, exist_ok=True)
+
+    result = train_loop(config, model, train_set.examples, val_set.examples, pad_id, quiet)
+    progress = result.progress
+    adapter_dir = output / "adapter"
+    if result.best_dir is not None:  # evaluate and publish the best checkpoint
+        set_peft_model_state_dict(model, load_file(result.best_dir / "adapter_model.safetensors"))
+    model.save_pretrained(str(adapter_dir))
+
+    metrics: dict[str, float] = {
+        "train_loss_initial": progress.train_losses[0][1],
+        "train_loss_final": progress.train_losses[-1][1],
+        "steps": progress.step, "train_rows": len(train_set.examples),
+        "val_rows": len(val_set.examples), "truncated_rows": truncated,
+        "dropped_rows": dropped, "train_seconds": round(result.seconds, 2),
+        "steps_per_s": round(progress.step / max(result.seconds, 1e-9), 3),
+    }
+    if progress.val_losses:
+        metrics["val_loss_best"] = round(progress.best_val, 5)
+        metrics["val_loss_final"] = round(progress.val_losses[-1][1], 5)
+        metrics["best_step"] = progress.best_step
+    eval_rows = [e.row for e in val_set.examples][: config.eval_samples]
+    if eval_rows:
+        references = [row.label for row in eval_rows]
+        for label, use_adapter in (("base", False), ("adapter", True)):
+            outputs = generate_answers(model, tokenizer, eval_rows, config.prompt_template,
+                                       config.eval_max_new_tokens, use_adapter)
+            scores = score(outputs, references)
+            metrics[f"val_chrf_{label}"] = scores.chrf
+            metrics[f"val_bleu_{label}"] = scores.bleu
+        metrics["val_chrf"] = metrics["val_chrf_adapter"]
+    (output / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    plot_losses(output / "loss.png", progress.train_losses, progress.val_losses,
+                f"{config.name}: {progress.step} steps")
+    published = None
+    if do_publish:
+        root = config.path(config.adapters_root) if config.adapters_root else \
+            REPO_ROOT / "adapters"
+        digest = data_digest(data_files)
+        published = publish(config, adapter_dir, base.base_fingerprint, metrics, digest, root,
+                            force)
+        if published.published:
+            for name in ("metrics.json", "loss.png"):
+                (published.folder / name).write_bytes((output / name).read_bytes())
+    metrics["total_seconds"] = round(time.perf_counter() - started, 2)
+    return RunResult(metrics, adapter_dir, output, published)
+
+
+def summary_table(metrics: dict[str, Any]) -> str:
+    keys = ["steps", "train_rows", "val_rows", "train_loss_initial", "train_loss_final",
+            "val_loss_best", "val_chrf_base", "val_chrf_adapter", "val_bleu_base",
+            "val_bleu_adapter", "truncated_rows", "dropped_rows", "steps_per_s",
+            "total_seconds"]
+    width = max(len(k) for k in keys)
+    return "\n".join(f"{k:<{width}}  {metrics[k]:.4g}" if isinstance(metrics[k], float)
+                     else f"{k:<{width}}  {metrics[k]}" for k in keys if k in metrics)
