@@ -214,3 +214,44 @@ def test_data_accepts_bom_and_jsonl_and_refuses_bad_bytes(tmp_path):
     bad.write_bytes(b"text,label\nok,fine\n\xff\xfe,oops\n")
     with pytest.raises(InvalidOption, match=r"bad\.csv line 3: not UTF-8"):
         read_rows(bad)
+
+
+def test_early_stopping_publishes_the_best_checkpoint(tmp_path, trainable_tiny_dir):
+    """Validation rows that contradict the training labels: the validation loss rises as
+    training memorizes, so training stops early and the best (earliest) point is kept."""
+    folder = tmp_path / "es"
+    path = make_config(folder, trainable_tiny_dir, eval_every=4, early_stopping_patience=2,
+                       eval_samples=0)
+    labels = [label for _, label in ROWS]
+    write_csv(folder / "val.csv", [(text, labels[(i + 3) % len(labels)])
+                                   for i, (text, _) in enumerate(ROWS)])
+    result = train(load_train_config(path), do_publish=False, quiet=True)
+    metrics = result.metrics
+    assert metrics["steps"] < 120  # 60 epochs x 2 steps, stopped well before
+    assert metrics["best_step"] < metrics["steps"]
+    assert metrics["val_loss_best"] < metrics["val_loss_final"]
+    best = lora_weights(result.output_dir / "best")
+    served = lora_weights(result.adapter_dir)
+    assert all(torch.equal(best[k], served[k]) for k in best)
+
+
+def test_a_running_server_picks_up_a_published_adapter(tmp_path, trainable_tiny_dir):
+    from protos.switchboard.v1 import switchboard_pb2 as pb
+    from tests.service_fixtures import server_config, start_server
+
+    routing = tmp_path / "routing.yaml"
+    routing.write_text("default: base\n")
+    root = tmp_path / "published"
+    root.mkdir()
+    server = start_server(server_config(trainable_tiny_dir, root, routing, metrics_port=-1))
+    try:
+        path = make_config(tmp_path / "fresh", trainable_tiny_dir, eval_samples=0)
+        assert cli(["train", "--config", str(path), "--quiet"]) == 0
+        server.cache.poll_now()  # what the server's poller does every poll_interval_s
+        text, label = ROWS[1]
+        reply = server.stub().Generate(pb.GenerateRequest(text=text, dialect="fresh",
+                                                          max_new_tokens=12), timeout=30)
+        assert reply.adapter.version == adapter_version(root / "fresh")
+        assert reply.text.strip() == label and reply.finish_reason == pb.FINISH_REASON_EOS
+    finally:
+        server.stop()
