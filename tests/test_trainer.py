@@ -14,7 +14,12 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from clients.cli import main as cli
 from server.errors import InvalidOption
-from server.formats.manifest import MANIFEST_FILE, adapter_version, read_manifest
+from server.formats.manifest import (
+    MANIFEST_FILE,
+    AdapterManifest,
+    adapter_version,
+    read_manifest,
+)
 from server.formats.prompt import build_prompt
 from tests.adapter_fixtures import serve
 from tests.tiny_llama import build_tiny_llama
@@ -133,6 +138,10 @@ def test_resume_is_exact(tmp_path, trainable_tiny_dir):
     a, b = lora_weights(whole.adapter_dir), lora_weights(resumed.adapter_dir)
     assert a.keys() == b.keys()
     assert max(float((a[k] - b[k]).abs().max()) for k in a) <= 1e-6
+    with pytest.raises(InvalidOption, match="different batch_size"):
+        train(load_train_config(path, [f"resume_from={whole.output_dir}/checkpoints/step-3",
+                                       "output_dir=runs/mismatch", "batch_size=2"]),
+              do_publish=False, quiet=True)
     again = train(load_train_config(path, ["output_dir=runs/again"]), do_publish=False,
                   quiet=True)
     c = lora_weights(again.adapter_dir)
@@ -255,3 +264,26 @@ def test_a_running_server_picks_up_a_published_adapter(tmp_path, trainable_tiny_
         assert reply.text.strip() == label and reply.finish_reason == pb.FINISH_REASON_EOS
     finally:
         server.stop()
+
+
+def test_set_overrides_replace_aliases_and_keep_strings_verbatim(tmp_path, trainable_tiny_dir):
+    path = make_config(tmp_path / "ov", trainable_tiny_dir)
+    config = load_train_config(path, ["lr=0.001", "lora_r=4", "prompt_template=Q: {text} A:"])
+    assert (config.learning_rate, config.lora_rank) == (0.001, 4)
+    assert config.prompt_template == "Q: {text} A:"
+    with pytest.raises(InvalidOption, match="not a valid value"):
+        load_train_config(path, ["epochs=[1"])
+
+
+def test_gate_refuses_a_run_without_a_score_over_a_scored_version():
+    from trainer.publish import gate
+
+    digest = "0" * 64
+    scored = AdapterManifest(name="x", prompt_template="{text}", base_fingerprint=digest,
+                             files={"adapter_config.json": digest,
+                                    "adapter_model.safetensors": digest},
+                             metrics={"val_chrf": 40.0})
+    assert "no validation chrF" in gate(scored, None, force=False)
+    assert "below" in gate(scored, 39.0, force=False)
+    assert gate(scored, 41.0, force=False) is None
+    assert gate(scored, None, force=True) is None

@@ -142,6 +142,11 @@ class TrainConfig:
             validate_template(self.prompt_template)
         except Exception as exc:
             raise InvalidOption(f"prompt_template: {exc}") from None
+        for name in ("lora_alpha", "weight_decay"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value >= 0) or (name == "lora_alpha" and value == 0):
+                raise InvalidOption(f"{name} must be a finite number "
+                                    f"{'> 0' if name == 'lora_alpha' else '>= 0'}, got {value}")
         if not (math.isfinite(self.default_weight_scale) and self.default_weight_scale >= 0):
             raise InvalidOption("default_weight_scale must be a finite number >= 0")
 
@@ -227,9 +232,19 @@ def load_train_config(path: str | Path, overrides: list[str] | None = None) -> T
     """Read ``path`` (YAML) and apply ``--set key=value`` overrides."""
     file = Path(path)
     data = read_yaml_mapping(file, "config file")
+    hints = typing.get_type_hints(TrainConfig)
     for pair in overrides or []:
-        key, sep, value = pair.partition("=")
+        raw_key, sep, value = pair.partition("=")
         if not sep:
             raise InvalidOption(f"--set expects key=value, got {pair[:40]!r}")
-        data[key.strip()] = yaml.safe_load(value) if value.strip() else ""
+        key = ALIASES.get(raw_key.strip(), raw_key.strip())
+        for existing in [k for k in data if ALIASES.get(str(k), str(k)) == key]:
+            del data[existing]  # the override replaces the file's value, whatever its spelling
+        if hints.get(key) is str:
+            data[key] = value  # verbatim: "Translate: {text}" is not YAML to parse
+            continue
+        try:
+            data[key] = yaml.safe_load(value) if value.strip() else ""
+        except yaml.YAMLError:
+            raise InvalidOption(f"--set {key}: {value[:40]!r} is not a valid value") from None
     return config_from_dict(data, file.parent, file.name)

@@ -87,7 +87,7 @@ def _csv(path: Path, text: str) -> list[Row]:
 
 def _jsonl(path: Path, text: str) -> list[Row]:
     rows = []
-    for number, line in enumerate(text.splitlines(), 1):
+    for number, line in enumerate(text.split("\n"), 1):  # not splitlines(): U+2028 is text
         if not line.strip():
             continue
         try:

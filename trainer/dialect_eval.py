@@ -125,7 +125,7 @@ def evaluate(gen: Generator, name: str, others: list[str]) -> dict[str, Any]:
     test = read_rows(folder / "data" / "test.csv")
     refs = [r.label for r in test]
     prompts = [build_prompt(template, r.text, gen.tokenizer) for r in test]
-    shots = random.Random(0).sample(train, 5)
+    shots = random.Random(0).sample(train, min(5, len(train)))
     few_shot = [gen.tokenizer.encode(few_shot_prompt(template, shots, r.text),
                                      add_special_tokens=False) for r in test]
     outputs = {
@@ -144,9 +144,9 @@ def evaluate(gen: Generator, name: str, others: list[str]) -> dict[str, Any]:
     base_out, adapter_out = outputs["base"], outputs["adapter_default_scale"]
     per_item = [(sentence_chrf(a, ref) - sentence_chrf(b, ref), i)
                 for i, (a, b, ref) in enumerate(zip(adapter_out, base_out, refs, strict=True))]
-    wins = [i for _, i in sorted(per_item, reverse=True)[:3]]
-    fails = sorted(range(len(test)), key=lambda i: sentence_chrf(adapter_out[i], refs[i])
-                   + sentence_chrf(base_out[i], refs[i]))[:3]
+    wins = [i for gain, i in sorted(per_item, reverse=True)[:3] if gain > 0]
+    fails = sorted(range(len(test)), key=lambda i: max(sentence_chrf(adapter_out[i], refs[i]),
+                                                       sentence_chrf(base_out[i], refs[i])))[:3]
 
     def sample(i: int) -> dict[str, str]:
         return {"text": test[i].text, "reference": refs[i], "base": base_out[i],

@@ -91,11 +91,20 @@ def validation_loss(model: PeftModel, examples: list[Example], batch_size: int,
     return total / max(count, 1)
 
 
+def run_key(config: TrainConfig, train: list[Example]) -> dict[str, Any]:
+    """What a resumed run must share with the one that wrote the checkpoint, so that it
+    replays the same batches under the same schedule."""
+    return {"batch_size": config.batch_size, "grad_accum": config.grad_accum,
+            "epochs": config.epochs, "seed": config.seed, "train_rows": len(train),
+            "learning_rate": config.learning_rate, "warmup_ratio": config.warmup_ratio}
+
+
 def save_checkpoint(folder: Path, model: PeftModel, optimizer: torch.optim.Optimizer,
-                    scheduler: Any, progress: Progress) -> None:
+                    scheduler: Any, progress: Progress, key: dict[str, Any]) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(str(folder))
     torch.save({
+        "run_key": key,
         "progress": asdict(progress), "optimizer": optimizer.state_dict(),
         "scheduler": scheduler.state_dict(), "torch_rng": torch.get_rng_state(),
         "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
@@ -104,14 +113,21 @@ def save_checkpoint(folder: Path, model: PeftModel, optimizer: torch.optim.Optim
 
 
 def load_checkpoint(folder: Path, model: PeftModel, optimizer: torch.optim.Optimizer,
-                    scheduler: Any) -> Progress:
+                    scheduler: Any, key: dict[str, Any]) -> Progress:
     state_path = folder / STATE_FILE
     weights = folder / "adapter_model.safetensors"
     if not state_path.exists() or not weights.exists():
         raise InvalidOption(f"resume_from: {folder} is not a checkpoint "
                             f"(needs {STATE_FILE} and adapter_model.safetensors)")
-    set_peft_model_state_dict(model, load_file(weights))
     state = torch.load(state_path, weights_only=False)  # our own file, written above
+    saved_key = state.get("run_key", {})
+    changed = sorted(k for k in key if saved_key.get(k) != key[k])
+    if changed:
+        raise InvalidOption(
+            f"resume_from: the checkpoint was written with different {', '.join(changed)} "
+            f"({', '.join(f'{k}={saved_key.get(k)}' for k in changed)}); an exact resume "
+            "needs the same settings and data")
+    set_peft_model_state_dict(model, load_file(weights))
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     torch.set_rng_state(state["torch_rng"])
@@ -136,7 +152,8 @@ def train_loop(config: TrainConfig, model: PeftModel, train: list[Example],
     scheduler = _scheduler(optimizer, total_steps, config.warmup_ratio)
     progress = Progress()
     if config.resume_from:
-        progress = load_checkpoint(config.path(config.resume_from), model, optimizer, scheduler)
+        progress = load_checkpoint(config.path(config.resume_from), model, optimizer, scheduler,
+                                   run_key(config, train))
     output = config.output_path
     best_dir = output / "best"
     model.train()
@@ -178,12 +195,11 @@ def train_loop(config: TrainConfig, model: PeftModel, train: list[Example],
             progress.train_losses.append((progress.step, step_loss))
             bar.update(1)
             bar.set_postfix(loss=f"{step_loss:.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
-            stop = config.eval_every and progress.step % config.eval_every == 0 and evaluate()
+            if config.eval_every and progress.step % config.eval_every == 0 and evaluate():
+                progress.stopped_early = True  # before the save: a resume must see it
             if config.save_steps and progress.step % config.save_steps == 0:
                 save_checkpoint(output / "checkpoints" / f"step-{progress.step}", model,
-                                optimizer, scheduler, progress)
-            if stop:
-                progress.stopped_early = True
+                                optimizer, scheduler, progress, run_key(config, train))
             if progress.stopped_early or progress.step >= total_steps:
                 break
         else:
@@ -197,6 +213,7 @@ def train_loop(config: TrainConfig, model: PeftModel, train: list[Example],
         evaluate()  # a final validation point when the last step was not evaluated
     bar.close()
     save_checkpoint(output / "checkpoints" / f"step-{progress.step}", model, optimizer,
-                    scheduler, progress)
+                    scheduler, progress, run_key(config, train))
+    has_best = val and progress.best_step >= 0 and (best_dir / "adapter_model.safetensors").exists()
     return LoopResult(progress, total_steps, time.perf_counter() - started,
-                      best_dir if val and progress.best_step >= 0 else None)
+                      best_dir if has_best else None)

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from server.errors import ManifestError
+from server.errors import ManifestError, SwitchboardError
 from server.formats.files import atomic_write_bytes
 from server.formats.manifest import (
     ADAPTER_CONFIG_FILE,
@@ -26,6 +26,7 @@ from server.formats.manifest import (
     AdapterManifest,
     adapter_version,
     read_manifest,
+    verify_weight_files,
     weight_file_digests,
     write_manifest,
 )
@@ -42,13 +43,24 @@ class PublishResult:
     message: str
 
 
+def _intact(folder: Path, manifest: AdapterManifest) -> bool:
+    try:
+        verify_weight_files(folder, manifest)
+    except SwitchboardError:
+        return False
+    return True
+
+
 def gate(existing: AdapterManifest | None, new_chrf: float | None, force: bool
          ) -> str | None:
     """Why publishing is refused, or None."""
-    if force or existing is None or new_chrf is None:
+    if force or existing is None:
         return None
     old = existing.metrics.get("val_chrf")
-    if old is not None and new_chrf < old:
+    if old is not None and new_chrf is None:
+        return ("not published: this run has no validation chrF to compare with the "
+                f"published version's {old:.2f} (use --force to publish anyway)")
+    if old is not None and new_chrf is not None and new_chrf < old:
         return (f"not published: validation chrF {new_chrf:.2f} is below the published "
                 f"version's {old:.2f} (use --force to publish anyway)")
     return None
@@ -91,7 +103,9 @@ def publish(config: TrainConfig, adapter_dir: Path, base_fingerprint: str,
     if refusal is not None:
         return PublishResult(False, target, None, refusal)
     target.mkdir(parents=True, exist_ok=True)
-    if (target / ADAPTER_WEIGHTS_FILE).exists():
+    if existing is not None and _intact(target, existing):
+        # Only a complete, verified version becomes the rollback copy: after a publish
+        # that stopped halfway, the folder mixes two versions and previous/ stays as is.
         previous = target / PREVIOUS_DIR
         shutil.rmtree(previous, ignore_errors=True)
         previous.mkdir()
