@@ -18,7 +18,6 @@ machine; the server is stopped before the in-process run starts.
 from __future__ import annotations
 
 import json
-import os
 import statistics
 import subprocess
 import sys
@@ -39,6 +38,7 @@ from server.formats.prompt import build_prompt
 from server.service.config import REPO_ROOT, load_config
 from tests.adapter_fixtures import add_manifest
 from tests.lora_helpers import make_random_adapter
+from tests.service_fixtures import spawn_server
 
 CONCURRENCY = 32
 REQUESTS = 96
@@ -67,18 +67,6 @@ def make_adapters(root: Path) -> None:
         make_random_adapter(base.model, root / name, 8, ("q_proj", "v_proj"), seed=seed)
         add_manifest(root / name, base.base_fingerprint, prompt_template=TEMPLATES[name],
                      dialect=name)
-
-
-def start_server(config: Path, log: Path) -> tuple[subprocess.Popen, str]:
-    process = subprocess.Popen(
-        [sys.executable, "-m", "clients.cli", "serve", "--config", str(config)],
-        cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=log.open("w"), text=True,
-        env=dict(os.environ, HF_HUB_OFFLINE="1"))
-    assert process.stdout is not None
-    for line in process.stdout:
-        if "serving on" in line:
-            return process, line.split("serving on ")[1].split(",")[0].strip()
-    raise RuntimeError("server did not start:\n" + log.read_text()[-2000:])
 
 
 def grpc_run(address: str) -> dict:
@@ -147,7 +135,7 @@ def main() -> None:
     config = workdir / "config.yaml"
     config.write_text(CONFIG.format(root=root))
     print("gRPC: server + load generator ...", flush=True)
-    process, address = start_server(config, workdir / "server.log")
+    process, address = spawn_server(["--config", str(config)], workdir / "server.log")
     try:
         over_grpc = grpc_run(address)
     finally:

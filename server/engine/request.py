@@ -47,6 +47,11 @@ class AdapterBinding(Protocol):
     def release(self) -> None: ...
 
 
+def new_request_id() -> str:
+    """16 hex digits: short enough for log lines, unique enough to find one request."""
+    return uuid.uuid4().hex[:16]
+
+
 @dataclass
 class GenerationRequest:
     prompt_ids: list[int]
@@ -54,7 +59,7 @@ class GenerationRequest:
     adapter: int | AdapterBinding | None = None
     """None: the base model; an int: a loaded slot; a binding: resolved at admission."""
     weight_scale: float = 1.0
-    request_id: str = field(default_factory=lambda: uuid.uuid4().hex[:16])
+    request_id: str = field(default_factory=new_request_id)
     deadline: float | None = None
     """``time.monotonic()`` after which the request ends with finish reason ``deadline``."""
     forced_tokens: list[int] | None = None

@@ -8,11 +8,10 @@ from __future__ import annotations
 
 import math
 import re
-import uuid
 
 from protos.switchboard.v1 import switchboard_pb2 as pb
 from server.adapters.cache import AdapterInfo
-from server.engine.request import FinishReason, GenerationResult
+from server.engine.request import FinishReason, GenerationResult, new_request_id
 from server.engine.sampling import SamplingParams
 from server.errors import InvalidRequest, quote
 from server.formats.manifest import ADAPTER_NAME_RE
@@ -41,10 +40,6 @@ FINISH_PB = {
     FinishReason.LENGTH: pb.FINISH_REASON_LENGTH,
 }
 TIER_PB = {"disk": pb.TIER_DISK, "host": pb.TIER_HOST, "device": pb.TIER_DEVICE}
-
-
-def new_request_id() -> str:
-    return uuid.uuid4().hex[:16]
 
 
 def parse_generate(request: pb.GenerateRequest, default_max_new_tokens: int,
