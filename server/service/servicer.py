@@ -97,41 +97,38 @@ class SwitchboardServicer(pb_grpc.SwitchboardServicer):
     # -- generation ----------------------------------------------------------------------
     async def Generate(self, request: pb.GenerateRequest,
                        context: grpc.aio.ServicerContext) -> pb.GenerateResponse:
-        outcome = _Outcome()
-        started = time.monotonic()
         response: pb.GenerateResponse | None = None
-        try:
-            self._admit(context)
-            try:
-                async with contextlib.aclosing(self._run(request, context, outcome)) as items:
-                    async for item in items:
-                        if isinstance(item, pb.GenerateResponse):
-                            response = item
-            finally:
-                self.state.leave()
-        except BaseException as exc:  # mapped to a status, logged, re-raised
-            await self._fail(exc, outcome, context, started)
-        self._record(outcome, started)
+        async with contextlib.aclosing(self._serve(request, context)) as items:
+            async for item in items:
+                if isinstance(item, pb.GenerateResponse):
+                    response = item
         assert response is not None
         return response
 
     async def GenerateStream(self, request: pb.GenerateRequest,
                              context: grpc.aio.ServicerContext
                              ) -> AsyncIterator[pb.GenerateStreamResponse]:
+        # aclosing: when the client goes away, grpc closes this generator (GeneratorExit
+        # at a yield); closing _serve and _run cancels the engine request.
+        async with contextlib.aclosing(self._serve(request, context)) as items:
+            async for item in items:
+                if isinstance(item, pb.GenerateResponse):
+                    yield pb.GenerateStreamResponse(final=item)
+                else:
+                    yield pb.GenerateStreamResponse(text=item.text, tokens=len(item.token_ids))
+
+    async def _serve(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
+                     ) -> AsyncGenerator[TokenChunk | pb.GenerateResponse, None]:
+        """One generation call for either rpc: admission, the run, its status, metrics and
+        log line; yields the chunks, then the final response."""
         outcome = _Outcome()
         started = time.monotonic()
         try:
             self._admit(context)
             try:
-                # aclosing: when the client goes away, grpc closes this generator
-                # (GeneratorExit at a yield); closing _run cancels the engine request.
                 async with contextlib.aclosing(self._run(request, context, outcome)) as items:
                     async for item in items:
-                        if isinstance(item, pb.GenerateResponse):
-                            yield pb.GenerateStreamResponse(final=item)
-                        else:
-                            yield pb.GenerateStreamResponse(text=item.text,
-                                                            tokens=len(item.token_ids))
+                        yield item
             finally:
                 self.state.leave()
         except BaseException as exc:  # mapped to a status, logged, re-raised
