@@ -135,7 +135,7 @@ def main() -> None:
     config = workdir / "config.yaml"
     config.write_text(CONFIG.format(root=root))
     print("gRPC: server + load generator ...", flush=True)
-    process, address = spawn_server(["--config", str(config)], workdir / "server.log")
+    process, address, _ = spawn_server(["--config", str(config)], workdir / "server.log")
     try:
         over_grpc = grpc_run(address)
     finally:

@@ -15,7 +15,7 @@ import sys
 import threading
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import grpc
 
@@ -156,26 +156,34 @@ def start_server(config: ServerConfig, timeout: float = 180.0) -> LiveServer:
     return LiveServer(holder["server"], loop, thread)
 
 
-def spawn_server(args: list[str], log_path: Path, timeout: float = 300.0
-                 ) -> tuple[subprocess.Popen, str]:
-    """`switchboard serve ARGS` as a process; returns it and its address once serving."""
+class SpawnedServer(NamedTuple):
+    process: subprocess.Popen
+    address: str
+    metrics_url: str
+    """Empty when the server exports no metrics (``--metrics-port -1``)."""
+
+
+def spawn_server(args: list[str], log_path: Path, timeout: float = 300.0) -> SpawnedServer:
+    """`switchboard serve ARGS` as a process; returns it and its addresses once serving."""
     process = subprocess.Popen(
         [sys.executable, "-m", "clients.cli", "serve", *args], cwd=REPO_ROOT,
         env=dict(os.environ, HF_HUB_OFFLINE="1"), stdout=subprocess.PIPE,
         stderr=log_path.open("w"), text=True)
-    address: list[str] = []
+    serving: list[str] = []
 
     def read() -> None:
         assert process.stdout is not None
         for line in process.stdout:
             if "serving on" in line:
-                address.append(line.split("serving on ")[1].split(",")[0].strip())
+                serving.append(line.strip())
                 return
 
     reader = threading.Thread(target=read, daemon=True)
     reader.start()
     reader.join(timeout)
-    if not address:
+    if not serving:
         process.kill()
         raise AssertionError("server did not start:\n" + log_path.read_text()[-3000:])
-    return process, address[0]
+    # "switchboard: serving on HOST:PORT[, metrics on URL]"
+    address, _, metrics = serving[0].split("serving on ")[1].partition(", metrics on ")
+    return SpawnedServer(process, address.strip(), metrics.strip())

@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import logging
+import os
 import signal
 import sys
 import threading
@@ -31,6 +31,7 @@ from protos.switchboard.v1 import switchboard_pb2_grpc as pb_grpc
 from server.errors import SwitchboardError
 from server.service.auth import KeyChecker
 from server.service.config import DEFAULT_CONFIG_PATH, ServerConfig, load_config, parse_assignments
+from server.service.daemon_thread import run_in_daemon_thread
 from server.service.logs import configure_logging
 from server.service.metrics import ServiceMetrics
 from server.service.routing import RoutingTableFile
@@ -104,28 +105,7 @@ class SwitchboardServer:
     async def _load_off_loop(self) -> None:
         """Run :meth:`_load` on a daemon thread: unlike the loop's executor (joined at
         exit), it cannot keep a process that was told to stop alive until loading ends."""
-        loop = asyncio.get_running_loop()
-        done: asyncio.Future[None] = loop.create_future()
-
-        def settle(error: BaseException | None) -> None:
-            if done.done():
-                return
-            if error is None:
-                done.set_result(None)
-            else:
-                done.set_exception(error)
-
-        def work() -> None:
-            error: BaseException | None = None
-            try:
-                self._load()
-            except BaseException as exc:  # handed to the awaiting coroutine
-                error = exc
-            with contextlib.suppress(RuntimeError):  # the loop is gone: nobody waits
-                loop.call_soon_threadsafe(settle, error)
-
-        threading.Thread(target=work, name="switchboard-load", daemon=True).start()
-        await done
+        await run_in_daemon_thread(self._load, name="switchboard-load")
 
     def _load(self) -> None:
         """Base model, engine, adapter cache, routing table, preload (a worker thread)."""
@@ -203,7 +183,9 @@ class SwitchboardServer:
             log.warning("grace period over; cancelling the calls still running",
                         extra={"fields": {"in_flight": self.state.in_flight}})
         if self.server is not None:
-            await self.server.stop(0 if finished else 1.0)
+            # A grace even when every call has finished: a stream's handler ends (and
+            # counts as finished) before gRPC has sent its trailing OK status.
+            await self.server.stop(2.0 if finished else 1.0)
         self._stop_polling.set()
         if self.engine is not None:
             await asyncio.to_thread(self.engine.stop, False, 10.0)
@@ -279,10 +261,25 @@ def main(argv: list[str]) -> int:
     configure_logging(config.log_json, config.log_level)
     log.info("configuration", extra={"fields": {"config": config.public_dict()}})
     try:
-        return asyncio.run(serve(config))
+        code = asyncio.run(serve(config))
     except SwitchboardError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except (OSError, RuntimeError) as exc:  # e.g. the port is taken, a TLS file is missing
         print(f"error: {str(exc).splitlines()[0][:200]}", file=sys.stderr)
         return 2
+    exit_process(code)
+    return code  # not reached
+
+
+def exit_process(code: int) -> None:
+    """End the process now that the server has stopped and its logs are flushed.
+
+    A worker thread blocked for ever (an adapter load reading a file on a hung disk)
+    would otherwise keep the interpreter waiting at exit: ``concurrent.futures`` joins
+    its workers then, daemon or not.
+    """
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)

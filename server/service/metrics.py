@@ -37,6 +37,8 @@ class _LiveCollector(Collector):
                                 value=stats["waiting"])
         yield GaugeMetricFamily("switchboard_running_batch_size",
                                 "Requests in the running batch", value=stats["running"])
+        yield GaugeMetricFamily("switchboard_kv_rows_free", "KV-cache rows free",
+                                value=stats["free_kv_rows"])
         cache_stats = self.cache.stats
         for name, help_text in (
             ("host_hits", "Adapter leases served from host memory"),
@@ -57,6 +59,15 @@ class _LiveCollector(Collector):
         yield GaugeMetricFamily("switchboard_adapters_in_host_memory",
                                 "Adapter versions held in host memory",
                                 value=usage["host_entries"])
+        # Leak checks (the soak test) read these three: all 0 when no call is in flight.
+        yield GaugeMetricFamily("switchboard_adapter_version_pins",
+                                "Leases holding an adapter version (calls in flight)",
+                                value=usage["version_pins"])
+        yield GaugeMetricFamily("switchboard_adapter_slot_pins",
+                                "Admitted calls holding a device slot",
+                                value=usage["slot_pins"])
+        yield GaugeMetricFamily("switchboard_adapter_loads_in_progress",
+                                "Adapter loads from disk under way", value=usage["loading"])
 
 
 class ServiceMetrics:

@@ -27,6 +27,7 @@ from server.engine.request import FinishReason, GenerationResult, TokenChunk
 from server.errors import InvalidRequest, ServiceUnavailable, SwitchboardError
 from server.service import convert
 from server.service.auth import KeyChecker
+from server.service.daemon_thread import run_in_daemon_thread
 from server.service.dispatch import Call, Dispatched, Dispatcher
 from server.service.logs import redact_number
 from server.service.metrics import BASE_LABEL, NO_ADAPTER_LABEL, NO_ROUTE_LABEL, ServiceMetrics
@@ -243,7 +244,7 @@ class SwitchboardServicer(pb_grpc.SwitchboardServicer):
                            context: grpc.aio.ServicerContext) -> pb.ListAdaptersResponse:
         async def run() -> pb.ListAdaptersResponse:
             assert self.cache is not None
-            infos = await asyncio.to_thread(self.cache.list_adapters)
+            infos = await run_in_daemon_thread(self.cache.list_adapters)
             return pb.ListAdaptersResponse(adapters=[convert.adapter_status(i) for i in infos])
         return await self._admin(context, "ListAdapters", "", run)
 
@@ -251,7 +252,7 @@ class SwitchboardServicer(pb_grpc.SwitchboardServicer):
                           context: grpc.aio.ServicerContext) -> pb.AdapterStatus:
         async def run() -> pb.AdapterStatus:
             assert self.cache is not None
-            info = await asyncio.to_thread(self.cache.load, _name(request.name))
+            info = await run_in_daemon_thread(self.cache.load, _name(request.name))
             return convert.adapter_status(info)
         return await self._admin(context, "LoadAdapter", request.name, run)
 
@@ -260,15 +261,15 @@ class SwitchboardServicer(pb_grpc.SwitchboardServicer):
         async def run() -> pb.AdapterStatus:
             assert self.cache is not None
             name = _name(request.name)
-            await asyncio.to_thread(self.cache.unload, name)
-            return convert.adapter_status(await asyncio.to_thread(self.cache.info, name))
+            await run_in_daemon_thread(self.cache.unload, name)
+            return convert.adapter_status(await run_in_daemon_thread(self.cache.info, name))
         return await self._admin(context, "UnloadAdapter", request.name, run)
 
     async def ReloadAdapter(self, request: pb.ReloadAdapterRequest,
                             context: grpc.aio.ServicerContext) -> pb.AdapterStatus:
         async def run() -> pb.AdapterStatus:
             assert self.cache is not None
-            info = await asyncio.to_thread(self.cache.reload, _name(request.name),
+            info = await run_in_daemon_thread(self.cache.reload, _name(request.name),
                                            request.version or None)
             return convert.adapter_status(info)
         return await self._admin(context, "ReloadAdapter", request.name, run)
