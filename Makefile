@@ -9,7 +9,7 @@ PIP := $(BIN)/python -m pip --quiet --disable-pip-version-check
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: help setup test test-slow lint typecheck bench clean-venv protos serve train eval reproduce
+.PHONY: help setup test test-slow lint typecheck bench soak clean-venv protos serve train eval reproduce
 
 help:
 	@echo "make serve      start the gRPC server (server/config.yaml; ARGS='--port 50052' to override)"
@@ -23,6 +23,7 @@ help:
 	@echo "make lint       ruff check"
 	@echo "make typecheck  mypy"
 	@echo "make bench      benchmarks (bench/results/*.json)"
+	@echo "make soak DURATION=600  reliability soak on a real server (bench/results/soak.json)"
 
 # The stamp makes setup a no-op until pyproject.toml or constraints.txt change.
 $(STAMP): pyproject.toml constraints.txt
@@ -56,6 +57,12 @@ typecheck: setup
 clean-venv:
 	rm -rf $(VENV)
 
+# Soak: mixed traffic, faults and admin churn on a real server; fails on any disallowed
+# outcome or leak (docs/reliability.md). A 90-second version runs in the slow tier.
+DURATION ?= 600
+soak: setup
+	$(BIN)/python -m bench.soak --duration $(DURATION)
+
 # Benchmarks are scripts, not timed tests; each writes bench/results/<area>.json.
 bench: setup
 	$(BIN)/python -m bench.engine_bench
@@ -84,8 +91,13 @@ train: setup
 eval: setup
 	$(BIN)/python -m trainer.dialect_eval $(if $(ADAPTER),--adapter $(ADAPTER)) $(ARGS)
 
-# Retrain a shipped adapter from its committed config, then choose its scale on val.csv.
+# Retrain a shipped adapter from its committed config (replacing it in the working tree;
+# `git checkout adapters/<name>` restores it), choose its scale on val.csv, and compare
+# its test chrF with the committed one (exit 1 when more than 2 points apart).
 reproduce: setup
 	@test -n "$(ADAPTER)" || { echo "error: give ADAPTER=<name>"; exit 2; }
+	@mkdir -p adapters/$(ADAPTER)/runs
+	cp adapters/$(ADAPTER)/eval.json adapters/$(ADAPTER)/runs/eval-before-reproduce.json
 	$(BIN)/switchboard train --config adapters/$(ADAPTER)/train.yaml --force $(ARGS)
-	$(BIN)/python -m trainer.dialect_eval --adapter $(ADAPTER) --choose-scale
+	$(BIN)/python -m trainer.dialect_eval --adapter $(ADAPTER) --choose-scale \
+		--compare-with adapters/$(ADAPTER)/runs/eval-before-reproduce.json

@@ -37,3 +37,16 @@ def test_no_test_utterance_is_a_near_copy_of_a_training_one(name):
     worst = max((jaccard(grams(r.text), t), r.text) for r in read_rows(folder / "test.csv")
                 for t in train)
     assert worst[0] <= MAX_JACCARD, f"test utterance {worst[1]!r} has 3-gram Jaccard {worst[0]:.2f}"
+
+
+def test_reproduce_comparison_passes_within_two_chrf_points(capsys):
+    from trainer.dialect_eval import compare
+
+    def result(scale_1: float, default: float) -> dict:
+        return {"adapter": "wuyu", "rows": {"adapter_scale_1": {"chrf": scale_1},
+                                            "adapter_default_scale": {"chrf": default}}}
+
+    assert compare(result(20.0, 21.0), result(21.5, 19.2)) == 0
+    assert "within 2 chrF points" in capsys.readouterr().out
+    assert compare(result(20.0, 21.0), result(20.0, 18.9)) == 1
+    assert "NOT within" in capsys.readouterr().out

@@ -26,6 +26,7 @@ import json
 import random
 import sys
 from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 from server.adapters.cache import AdapterCache
@@ -221,6 +222,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--adapter", action="append", help="default: every shipped adapter")
     parser.add_argument("--choose-scale", action="store_true",
                         help="pick default_weight_scale on val.csv and write the manifest")
+    parser.add_argument("--compare-with", type=Path, metavar="EVAL_JSON",
+                        help="an earlier eval.json of the same adapter: print the test chrF "
+                             "difference, exit 1 if it is over 2 points (make reproduce)")
     args = parser.parse_args(argv)
     names = args.adapter or shipped()
     if not names:
@@ -239,7 +243,22 @@ def main(argv: list[str] | None = None) -> int:
     if sorted(names) == everyone:
         update_readme(results)
     print(table(results))
+    if args.compare_with is not None:
+        return compare(json.loads(args.compare_with.read_text(encoding="utf-8")), results[0])
     return 0
+
+
+def compare(before: dict[str, Any], after: dict[str, Any], tolerance: float = 2.0) -> int:
+    """Print how a retrained adapter's test chrF compares with the earlier one's."""
+    worst = 0.0
+    for key in ("adapter_scale_1", "adapter_default_scale"):
+        old, new = before["rows"][key]["chrf"], after["rows"][key]["chrf"]
+        worst = max(worst, abs(new - old))
+        print(f"{after['adapter']} {key}: test chrF {old:.2f} before, {new:.2f} now "
+              f"({new - old:+.2f})")
+    verdict = "within" if worst <= tolerance else "NOT within"
+    print(f"{after['adapter']}: reproduced {verdict} {tolerance:g} chrF points")
+    return 0 if worst <= tolerance else 1
 
 
 if __name__ == "__main__":

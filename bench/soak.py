@@ -1,0 +1,582 @@
+"""Soak: a real server under mixed traffic, faults and admin churn; every outcome checked.
+
+A `switchboard serve` process on loopback (the default model, four stable adapters and
+three churned ones) and a driver whose call classes have their allowed outcomes fixed in
+advance (``ALLOWED``):
+
+- ``valid``: unary and streaming calls over every route (explicit dialect, caller
+  number, region, default), several adapters and scales, only on adapters that no admin
+  traffic touches → OK, and every stream ends with its final message;
+- ``cancel``: streams the client cancels after the first chunk → CANCELLED;
+- ``deadline``: calls whose deadline expires before they can finish → DEADLINE_EXCEEDED;
+- ``malformed`` (~5% of the calls): one invalid field each → exactly that field's status;
+- ``churn_call``: calls on the churned adapters → OK, or FAILED_PRECONDITION while the
+  files on disk are half-replaced and no version is in memory;
+- ``admin``: reload, unload + load, load/unload from 8 callers at once, on the churned
+  adapters, whose files are replaced every few seconds → OK or FAILED_PRECONDITION;
+- ``burst``: every ``--burst-every`` seconds the other classes pause, and twice the
+  queue limit of calls arrive at once → OK or RESOURCE_EXHAUSTED (only these may get it).
+
+Reported (table + ``bench/results/soak.json``): calls by class and status, calls whose
+outcome was not allowed, streams without a final status, pins/slots/queue entries left
+when the traffic has stopped, the server's anonymous RSS (median of the first and last
+minute after a warm-up that touches every adapter), and p50/p95 latency of the valid
+calls under load against an idle run of the same calls one at a time.
+
+    python -m bench.soak --duration 600      # make soak DURATION=600
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import random
+import shutil
+import statistics
+import tempfile
+import time
+import urllib.request
+from collections import Counter
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import grpc
+
+from bench.common import RESULTS, commit, print_table
+from clients.loadtest import DEFAULT_UTTERANCES
+from protos.switchboard.v1 import switchboard_pb2 as pb
+from protos.switchboard.v1 import switchboard_pb2_grpc as pb_grpc
+from server.service.config import REPO_ROOT
+from tests.adapter_fixtures import add_manifest, publish
+from tests.lora_helpers import ALL_TARGETS, make_random_adapter
+from tests.service_fixtures import spawn_server
+
+OK = "OK"
+ALLOWED: dict[str, frozenset[str]] = {
+    "valid": frozenset({OK}),
+    "cancel": frozenset({"CANCELLED"}),
+    "deadline": frozenset({"DEADLINE_EXCEEDED"}),
+    "churn_call": frozenset({OK, "FAILED_PRECONDITION"}),
+    "admin": frozenset({OK, "FAILED_PRECONDITION"}),
+    "burst": frozenset({OK, "RESOURCE_EXHAUSTED"}),
+    # "malformed": each case names its own single status (MALFORMED below)
+}
+STABLE = ("wuyu", "cantonese", "stable-r4", "stable-r16")
+CHURNED = ("churn-0", "churn-1", "churn-2")
+MAX_BATCH, MAX_QUEUE, MAX_LORAS = 16, 24, 4
+LEAK_GAUGES = ("switchboard_queue_depth", "switchboard_running_batch_size",
+               "switchboard_adapter_version_pins", "switchboard_adapter_slot_pins",
+               "switchboard_adapter_loads_in_progress")
+CONFIG = """
+host: 127.0.0.1
+port: 0
+metrics_port: 0
+adapter_roots: [{root}]
+preload: [all]
+routing_table: {routing}
+poll_interval_s: 1.0
+default_max_new_tokens: 16
+grace_period_s: 10
+log_level: warning
+engine:
+  max_batch_size: {batch}
+  max_queue_size: {queue}
+  max_model_len: 512
+  max_loras: {loras}
+  max_lora_rank: 16
+  max_new_tokens_limit: 256
+  max_weight_scale: 4.0
+"""
+ROUTING = """
+default: base
+fallback: base
+prompt_template: "Translate to English: {text}\\n"
+national_prefix: "+86"
+caller_numbers: {"+8621": wuyu, "+852": cantonese, "+8620": stable-r4}
+regions: {CN-SH: wuyu, CN-GD: cantonese, CN-ZJ: stable-r16}
+"""
+VALID_ROUTES: tuple[dict[str, Any], ...] = (
+    {"dialect": "wuyu"}, {"dialect": "cantonese"}, {"dialect": "wuyu", "weight_scale": 0.5},
+    {"dialect": "cantonese", "weight_scale": 1.5}, {"dialect": "stable-r4"},
+    {"dialect": "stable-r16", "weight_scale": 0.8}, {"caller_number": "+862155501234"},
+    {"caller_number": "+85291234567"}, {"caller_number": "+862087650000"},
+    {"region": "CN-SH"}, {"region": "CN-GD"}, {"region": "CN-ZJ", "weight_scale": 2.0},
+    {}, {"region": "US-CA"},
+)
+LONG_PROMPT = "Once upon a time, in a small village by the sea, there lived"
+
+
+def _malformed() -> list[tuple[str, pb.GenerateRequest, str]]:
+    """(what is wrong, the request, its one allowed status)."""
+    bad = "INVALID_ARGUMENT"
+    return [
+        ("empty text", pb.GenerateRequest(text=" "), bad),
+        ("text and prompt", pb.GenerateRequest(text="a", prompt="b"), bad),
+        ("no input", pb.GenerateRequest(dialect="wuyu"), bad),
+        ("dialect ../x", pb.GenerateRequest(text="侬好", dialect="../x"), bad),
+        ("dialect with NUL", pb.GenerateRequest(text="侬好", dialect="wu\0yu"), bad),
+        ("unknown dialect", pb.GenerateRequest(text="侬好", dialect="klingon"), "NOT_FOUND"),
+        ("negative scale", pb.GenerateRequest(text="侬好", weight_scale=-1.0), bad),
+        ("scale over limit", pb.GenerateRequest(text="侬好", weight_scale=100.0), bad),
+        ("max_new_tokens 1e9", pb.GenerateRequest(text="侬好", max_new_tokens=10**9), bad),
+        ("temperature -1", pb.GenerateRequest(text="侬好", temperature=-1.0), bad),
+        ("top_p 0", pb.GenerateRequest(text="侬好", top_p=0.0), bad),
+        ("64 stop strings", pb.GenerateRequest(text="侬好", stop=[f"s{i}" for i in range(64)]),
+         bad),
+        ("bad role", pb.GenerateRequest(messages=[pb.ChatMessage(role="robot", content="hi")]),
+         bad),
+        ("bad request id", pb.GenerateRequest(text="侬好", request_id="bad id!"), bad),
+        ("prompt over max_model_len",
+         pb.GenerateRequest(prompt="word " * 600, max_new_tokens=8), bad),
+    ]
+
+
+# -- bookkeeping ---------------------------------------------------------------------------
+@dataclass
+class Tally:
+    calls: Counter[tuple[str, str]] = field(default_factory=Counter)
+    disallowed: list[str] = field(default_factory=list)
+    streams_without_final: int = 0
+    valid_latency: list[float] = field(default_factory=list)
+
+    def record(self, kind: str, status: str, allowed: frozenset[str], detail: str = "") -> None:
+        self.calls[(kind, status)] += 1
+        if status not in allowed:
+            self.disallowed.append(f"{kind} {detail}: {status}")
+
+
+class Gate:
+    """Lets calls through unless a burst is being prepared; counts the calls in flight."""
+
+    def __init__(self) -> None:
+        self.open = asyncio.Event()
+        self.open.set()
+        self.in_flight = 0
+
+    @contextlib.asynccontextmanager
+    async def call(self) -> AsyncIterator[None]:
+        await self.open.wait()
+        self.in_flight += 1
+        try:
+            yield
+        finally:
+            self.in_flight -= 1
+
+    async def close_and_drain(self, timeout: float) -> None:
+        self.open.clear()
+        limit = time.monotonic() + timeout
+        while self.in_flight and time.monotonic() < limit:
+            await asyncio.sleep(0.05)
+
+
+def _code(exc: grpc.aio.AioRpcError) -> str:
+    return str(exc.code().name)
+
+
+async def unary(stub: pb_grpc.SwitchboardStub, request: pb.GenerateRequest,
+                timeout: float | None = None) -> str:
+    try:
+        await stub.Generate(request, timeout=timeout)
+        return OK
+    except grpc.aio.AioRpcError as exc:
+        return _code(exc)
+
+
+async def stream(stub: pb_grpc.SwitchboardStub, request: pb.GenerateRequest, tally: Tally,
+                 timeout: float | None = None) -> str:
+    """A streaming call's status; an OK stream without its final message is counted."""
+    call = stub.GenerateStream(request, timeout=timeout)
+    final = False
+    try:
+        async for message in call:
+            final = final or message.HasField("final")
+    except grpc.aio.AioRpcError as exc:
+        return _code(exc)
+    if not final:
+        tally.streams_without_final += 1
+        return "OK_WITHOUT_FINAL"
+    return OK
+
+
+# -- the driver ----------------------------------------------------------------------------
+@dataclass
+class Soak:
+    stub: pb_grpc.SwitchboardStub
+    adapters_root: Path
+    variants: Path
+    fingerprint: str
+    seed: int = 0
+    burst_every_s: float = 45.0
+    tally: Tally = field(default_factory=Tally)
+    gate: Gate = field(default_factory=Gate)
+    stop: asyncio.Event = field(default_factory=asyncio.Event)
+    bursts: list[dict[str, int]] = field(default_factory=list)
+    mixed_calls: int = 0
+
+    def valid_request(self, rng: random.Random) -> pb.GenerateRequest:
+        return pb.GenerateRequest(text=rng.choice(DEFAULT_UTTERANCES),
+                                  max_new_tokens=rng.randint(4, 12), **rng.choice(VALID_ROUTES))
+
+    async def valid_call(self, rng: random.Random) -> None:
+        request = self.valid_request(rng)
+        started = time.perf_counter()
+        if rng.random() < 0.5:
+            status = await unary(self.stub, request, timeout=300)
+        else:
+            status = await stream(self.stub, request, self.tally, timeout=300)
+        if status == OK:
+            self.tally.valid_latency.append(time.perf_counter() - started)
+        self.tally.record("valid", status, ALLOWED["valid"], str(request.dialect or "routed"))
+
+    async def mixed_worker(self, index: int) -> None:
+        """Valid calls; every 20th call of these workers (5%) is a malformed one."""
+        rng = random.Random(self.seed * 1000 + index)
+        cases = _malformed()
+        while not self.stop.is_set():
+            async with self.gate.call():
+                self.mixed_calls += 1
+                if self.mixed_calls % 20 == 0:
+                    what, request, expected = cases[(self.mixed_calls // 20) % len(cases)]
+                    status = await (unary(self.stub, request, timeout=60) if rng.random() < 0.5
+                                    else stream(self.stub, request, self.tally, timeout=60))
+                    self.tally.record("malformed", status, frozenset({expected}), what)
+                else:
+                    await self.valid_call(rng)
+
+    async def cancel_worker(self) -> None:
+        while not self.stop.is_set():
+            async with self.gate.call():
+                call = self.stub.GenerateStream(
+                    pb.GenerateRequest(prompt=LONG_PROMPT, max_new_tokens=200), timeout=300)
+                status = "NO_CHUNK"
+                try:
+                    async for _ in call:
+                        call.cancel()
+                        break
+                    status = str((await call.code()).name)
+                except grpc.aio.AioRpcError as exc:
+                    status = _code(exc)
+                except asyncio.CancelledError:
+                    status = "CANCELLED"
+                self.tally.record("cancel", status, ALLOWED["cancel"])
+            await self.pause(0.25)
+
+    async def deadline_worker(self) -> None:
+        rng = random.Random(self.seed + 7)
+        while not self.stop.is_set():
+            async with self.gate.call():
+                request = pb.GenerateRequest(prompt=LONG_PROMPT, max_new_tokens=200)
+                timeout = rng.uniform(0.1, 0.6)
+                status = await (unary(self.stub, request, timeout) if rng.random() < 0.5
+                                else stream(self.stub, request, self.tally, timeout))
+                self.tally.record("deadline", status, ALLOWED["deadline"])
+            await self.pause(0.25)
+
+    async def churn_call_worker(self) -> None:
+        rng = random.Random(self.seed + 11)
+        while not self.stop.is_set():
+            async with self.gate.call():
+                request = pb.GenerateRequest(text=rng.choice(DEFAULT_UTTERANCES),
+                                             dialect=rng.choice(CHURNED), max_new_tokens=6)
+                status = await unary(self.stub, request, timeout=300)
+                self.tally.record("churn_call", status, ALLOWED["churn_call"], request.dialect)
+
+    async def admin(self, name: str, call: Callable[..., Awaitable[Any]], request: Any) -> None:
+        try:
+            await call(request, timeout=120)
+            status = OK
+        except grpc.aio.AioRpcError as exc:
+            status = _code(exc)
+        self.tally.record("admin", status, ALLOWED["admin"], name)
+
+    async def admin_worker(self) -> None:
+        """Reload, unload + load, swap the files, 8 concurrent load/unload: on CHURNED."""
+        rng = random.Random(self.seed + 13)
+        flips = dict.fromkeys(CHURNED, 0)
+        while not self.stop.is_set():
+            name = rng.choice(CHURNED)
+            action = rng.choice(("reload", "unload-load", "swap", "swap", "eight"))
+            if action == "reload":
+                await self.admin("reload", self.stub.ReloadAdapter,
+                                 pb.ReloadAdapterRequest(name=name))
+            elif action == "unload-load":
+                await self.admin("unload", self.stub.UnloadAdapter,
+                                 pb.UnloadAdapterRequest(name=name))
+                await self.admin("load", self.stub.LoadAdapter, pb.LoadAdapterRequest(name=name))
+            elif action == "swap":
+                flips[name] ^= 1
+                await asyncio.to_thread(self.swap_files, name, flips[name])
+            else:
+                await asyncio.gather(*(
+                    self.admin("load", self.stub.LoadAdapter, pb.LoadAdapterRequest(name=name))
+                    if i % 2 == 0 else
+                    self.admin("unload", self.stub.UnloadAdapter,
+                               pb.UnloadAdapterRequest(name=name))
+                    for i in range(8)))
+            await self.pause(rng.uniform(0.5, 2.0))
+
+    async def pause(self, seconds: float) -> None:
+        """Sleep, but wake at once when the run ends."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.stop.wait(), seconds)
+
+    def swap_files(self, name: str, variant: int) -> None:
+        """Publish the other variant's files the way the trainer does (manifest last)."""
+        publish(self.variants / f"{name}-v{variant}", self.adapters_root / name,
+                self.fingerprint)
+
+    async def burst_worker(self) -> None:
+        while True:
+            await self.pause(self.burst_every_s)
+            if self.stop.is_set():
+                return
+            await self.gate.close_and_drain(120)
+            size = 2 * (MAX_QUEUE + MAX_BATCH)
+            statuses = await asyncio.gather(*(
+                unary(self.stub, pb.GenerateRequest(text=DEFAULT_UTTERANCES[i % 8],
+                                                    max_new_tokens=8), timeout=300)
+                for i in range(size)))
+            for status in statuses:
+                self.tally.record("burst", status, ALLOWED["burst"])
+            self.bursts.append({"calls": size,
+                                "resource_exhausted": statuses.count("RESOURCE_EXHAUSTED")})
+            self.gate.open.set()
+
+
+# -- the server and its gauges -------------------------------------------------------------
+def anon_rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("RssAnon:"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError("no RssAnon in /proc status")
+
+
+def gauges(metrics_url: str) -> dict[str, float]:
+    with urllib.request.urlopen(metrics_url, timeout=10) as response:
+        text = response.read().decode()
+    values: dict[str, float] = {}
+    for line in text.splitlines():
+        if line.startswith("switchboard_") and " " in line:
+            key, value = line.rsplit(" ", 1)
+            values[key] = float(value)
+    return values
+
+
+def build_library(workdir: Path) -> tuple[Path, Path, str]:
+    """The adapters root (shipped wuyu and cantonese, random stable and churned ones), the
+    churned adapters' two variants each, and the base fingerprint."""
+    from server.basemodel import load_base_model
+
+    root, variants = workdir / "adapters", workdir / "variants"
+    base = load_base_model("default", dtype="float32")
+    fingerprint = base.base_fingerprint
+    for name in ("wuyu", "cantonese"):
+        target = root / name
+        target.mkdir(parents=True)
+        for file in ("adapter_config.json", "adapter_model.safetensors", "switchboard.json"):
+            shutil.copy2(REPO_ROOT / "adapters" / name / file, target / file)
+    for seed, (name, rank) in enumerate((("stable-r4", 4), ("stable-r16", 16)), start=10):
+        make_random_adapter(base.model, root / name, rank, ALL_TARGETS, seed=seed, b_std=0.05)
+        add_manifest(root / name, fingerprint, prompt_template="Translate: {text}\n")
+    for index, name in enumerate(CHURNED):
+        for variant in (0, 1):
+            folder = variants / f"{name}-v{variant}"
+            make_random_adapter(base.model, folder, 8, ("q_proj", "v_proj"),
+                                seed=100 + 2 * index + variant, b_std=0.05)
+            add_manifest(folder, fingerprint, name=name, prompt_template="Translate: {text}\n")
+        shutil.copytree(variants / f"{name}-v0", root / name)
+    del base
+    return root, variants, fingerprint
+
+
+async def idle_run(stub: pb_grpc.SwitchboardStub, calls: int, seed: int) -> list[float]:
+    rng, tally = random.Random(seed), Tally()
+    soak = Soak(stub, Path(), Path(), "", seed, tally=tally)
+    for _ in range(calls):
+        await soak.valid_call(rng)
+    if tally.disallowed:
+        raise AssertionError(f"idle run failed: {tally.disallowed[:5]}")
+    return tally.valid_latency
+
+
+async def drive(address: str, metrics_url: str, pid: int, root: Path, variants: Path,
+                fingerprint: str, duration: float, burst_every: float, seed: int,
+                progress: Callable[[str], None]) -> dict[str, Any]:
+    async with grpc.aio.insecure_channel(address) as channel:
+        stub = pb_grpc.SwitchboardStub(channel)
+        progress("warm-up: every adapter once")
+        for name in (*STABLE, *CHURNED, ""):
+            status = await unary(stub, pb.GenerateRequest(text="侬好", dialect=name,
+                                                          max_new_tokens=2), timeout=300)
+            if status != OK:
+                raise AssertionError(f"warm-up call on {name or 'base'!r} failed: {status}")
+        progress("idle run: 24 valid calls one at a time")
+        idle = await idle_run(stub, 24, seed)
+
+        soak = Soak(stub, root, variants, fingerprint, seed, burst_every_s=burst_every)
+        rss: list[tuple[float, float]] = []
+
+        async def sample_rss() -> None:
+            while not soak.stop.is_set():
+                rss.append((time.monotonic(), anon_rss_mb(pid)))
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(soak.stop.wait(), 2.0)
+
+        progress(f"soak: {duration:.0f} s of mixed traffic")
+        started = time.monotonic()
+        tasks = [asyncio.create_task(t) for t in (
+            *(soak.mixed_worker(i) for i in range(6)), soak.cancel_worker(),
+            soak.deadline_worker(), soak.churn_call_worker(), soak.admin_worker(),
+            soak.burst_worker(), sample_rss())]
+        while time.monotonic() - started < duration:
+            await asyncio.sleep(1.0)
+            failed = [t for t in tasks if t.done() and t.exception() is not None]
+            if failed:
+                soak.stop.set()
+                raise RuntimeError("a driver task failed") from failed[0].exception()
+        soak.stop.set()
+        soak.gate.open.set()
+        await asyncio.wait_for(asyncio.gather(*tasks), 600)
+        ran_s = time.monotonic() - started
+
+        progress("after the traffic: leak gauges and one more valid call")
+        left: dict[str, float] = {}
+        limit = time.monotonic() + 30
+        while time.monotonic() < limit:
+            values = gauges(metrics_url)
+            left = {name: values.get(name, -1.0) for name in LEAK_GAUGES}
+            left["kv_rows_in_use"] = MAX_BATCH - values.get("switchboard_kv_rows_free", -1.0)
+            if not any(left.values()):
+                break
+            await asyncio.sleep(0.2)
+        after = await unary(stub, pb.GenerateRequest(text="侬好", dialect="wuyu",
+                                                     max_new_tokens=4), timeout=120)
+
+    window = min(60.0, duration / 3)
+    first = [mb for t, mb in rss if t - started <= window]
+    last = [mb for t, mb in rss if t >= started + ran_s - window]
+    tally = soak.tally
+    by_class: dict[str, dict[str, int]] = {}
+    for (kind, status), count in sorted(tally.calls.items()):
+        by_class.setdefault(kind, {})[status] = count
+    under_load = sorted(tally.valid_latency)
+    return {
+        "duration_s": round(ran_s, 1),
+        "calls": sum(tally.calls.values()),
+        "calls_by_class": by_class,
+        "disallowed_outcomes": len(tally.disallowed),
+        "disallowed_examples": tally.disallowed[:20],
+        "streams_without_final_status": tally.streams_without_final,
+        "left_after_traffic": left,
+        "valid_call_after_traffic": after,
+        "bursts": soak.bursts,
+        "anon_rss_mb": {"window_s": window,
+                        "first_median": round(statistics.median(first), 1),
+                        "last_median": round(statistics.median(last), 1),
+                        "growth": round(statistics.median(last) - statistics.median(first), 1),
+                        "samples": len(rss)},
+        "latency_ms": {"idle": _percentiles(idle), "under_load": _percentiles(under_load)},
+    }
+
+
+def _percentiles(seconds: list[float]) -> dict[str, float]:
+    ordered = sorted(seconds)
+    if not ordered:
+        return {"p50": 0.0, "p95": 0.0, "n": 0}
+    return {"p50": round(statistics.median(ordered) * 1000, 1),
+            "p95": round(ordered[min(len(ordered) - 1, int(len(ordered) * 0.95))] * 1000, 1),
+            "n": len(ordered)}
+
+
+def problems(report: dict[str, Any]) -> list[str]:
+    """What makes a soak run fail (empty when it passed)."""
+    found = []
+    if report["disallowed_outcomes"]:
+        found.append(f"{report['disallowed_outcomes']} disallowed outcomes, e.g. "
+                     f"{report['disallowed_examples'][:3]}")
+    if report["streams_without_final_status"]:
+        found.append(f"{report['streams_without_final_status']} streams without a final status")
+    leaked = {k: v for k, v in report["left_after_traffic"].items() if v}
+    if leaked:
+        found.append(f"left after the traffic: {leaked}")
+    if report["valid_call_after_traffic"] != OK:
+        found.append(f"a valid call after the traffic got {report['valid_call_after_traffic']}")
+    return found
+
+
+def run(duration: float, burst_every: float = 45.0, seed: int = 0,
+        out: Path | None = None, quiet: bool = False) -> dict[str, Any]:
+    def progress(message: str) -> None:
+        if not quiet:
+            print(message, flush=True)
+
+    workdir = Path(tempfile.mkdtemp(prefix="switchboard-soak-"))
+    try:
+        progress(f"adapters and config in {workdir}")
+        root, variants, fingerprint = build_library(workdir)
+        (workdir / "routing.yaml").write_text(ROUTING)
+        config = workdir / "config.yaml"
+        config.write_text(CONFIG.format(root=root, routing=workdir / "routing.yaml",
+                                        batch=MAX_BATCH, queue=MAX_QUEUE, loras=MAX_LORAS))
+        process, address, metrics_url = spawn_server(["--config", str(config)],
+                                                     workdir / "server.log")
+        try:
+            report = asyncio.run(drive(address, metrics_url, process.pid, root, variants,
+                                       fingerprint, duration, burst_every, seed, progress))
+            report["server_alive_after"] = process.poll() is None
+        finally:
+            process.terminate()
+            report_exit = process.wait(60)
+        report["server_exit_code"] = report_exit
+        report.update(command=f"python -m bench.soak --duration {duration:g}", commit=commit(),
+                      settings={"max_batch_size": MAX_BATCH, "max_queue_size": MAX_QUEUE,
+                                "max_loras": MAX_LORAS, "stable": STABLE, "churned": CHURNED,
+                                "burst_every_s": burst_every, "seed": seed})
+        report["problems"] = problems(report)
+        if out is not None:
+            out.parent.mkdir(parents=True, exist_ok=True)
+            out.write_text(json.dumps({"area": "soak", **report}, indent=2) + "\n")
+        if not quiet:
+            print_report(report, out)
+        return report
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+def print_report(report: dict[str, Any], out: Path | None) -> None:
+    rows = []
+    for kind, statuses in report["calls_by_class"].items():
+        rows.append((kind, ", ".join(f"{s} {n}" for s, n in statuses.items())))
+    rss, latency = report["anon_rss_mb"], report["latency_ms"]
+    rows += [
+        ("disallowed outcomes", str(report["disallowed_outcomes"])),
+        ("streams without final status", str(report["streams_without_final_status"])),
+        ("left after traffic", ", ".join(f"{k.removeprefix('switchboard_')} {v:g}"
+                                          for k, v in report["left_after_traffic"].items())),
+        ("anon RSS first / last median", f"{rss['first_median']} / {rss['last_median']} MB "
+                                         f"(growth {rss['growth']} MB)"),
+        ("valid latency idle p50 / p95", f"{latency['idle']['p50']} / {latency['idle']['p95']} ms"),
+        ("valid latency load p50 / p95", f"{latency['under_load']['p50']} / "
+                                         f"{latency['under_load']['p95']} ms"),
+        ("result", "PASS" if not report["problems"] else "; ".join(report["problems"])),
+    ]
+    print_table(f"soak, {report['duration_s']} s, {report['calls']} calls -> {out}", rows)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--duration", type=float, default=600.0, help="seconds of traffic")
+    parser.add_argument("--burst-every", type=float, default=45.0)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", type=Path, default=RESULTS / "soak.json")
+    args = parser.parse_args()
+    report = run(args.duration, args.burst_every, args.seed, args.out)
+    raise SystemExit(1 if report["problems"] else 0)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,21 @@
+"""The soak (bench/soak.py) for 90 seconds: a real server on the default model under
+every call class at once; `make soak DURATION=600` is the full run."""
+
+from __future__ import annotations
+
+import pytest
+
+from bench.soak import ALLOWED, run
+
+
+@pytest.mark.slow
+def test_soak_90_seconds(tmp_path):
+    report = run(duration=90, burst_every=30, out=tmp_path / "soak.json", quiet=True)
+    assert report["problems"] == [], report["problems"]
+    assert report["disallowed_outcomes"] == 0
+    assert report["streams_without_final_status"] == 0
+    assert not any(report["left_after_traffic"].values()), report["left_after_traffic"]
+    assert report["server_alive_after"] and report["server_exit_code"] == 0
+    # every class ran, and the bursts really went over the queue limit
+    assert set(report["calls_by_class"]) == {*ALLOWED, "malformed"}, report["calls_by_class"]
+    assert report["bursts"] and all(b["resource_exhausted"] > 0 for b in report["bursts"])
