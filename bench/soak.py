@@ -96,7 +96,7 @@ default: base
 fallback: base
 prompt_template: "Translate to English: {text}\\n"
 national_prefix: "+86"
-caller_numbers: {"+8621": wuyu, "+852": cantonese, "+8620": stable-r4}
+caller_numbers: {"+8621": wuyu, "+852": cantonese, "+8620": stable-r4, "+8610": ghost}
 regions: {CN-SH: wuyu, CN-GD: cantonese, CN-ZJ: stable-r16}
 """
 VALID_ROUTES: tuple[dict[str, Any], ...] = (
@@ -105,7 +105,7 @@ VALID_ROUTES: tuple[dict[str, Any], ...] = (
     {"dialect": "stable-r16", "weight_scale": 0.8}, {"caller_number": "+862155501234"},
     {"caller_number": "+85291234567"}, {"caller_number": "+862087650000"},
     {"region": "CN-SH"}, {"region": "CN-GD"}, {"region": "CN-ZJ", "weight_scale": 2.0},
-    {}, {"region": "US-CA"},
+    {}, {"region": "US-CA"}, {"caller_number": "+861066668888"},  # the last: fallback
 )
 LONG_PROMPT = "Once upon a time, in a small village by the sea, there lived"
 
@@ -115,6 +115,15 @@ def _malformed() -> list[tuple[str, pb.GenerateRequest, str]]:
     bad = "INVALID_ARGUMENT"
     return [
         ("empty text", pb.GenerateRequest(text=" "), bad),
+        ("empty prompt", pb.GenerateRequest(prompt=""), bad),
+        ("empty message", pb.GenerateRequest(messages=[pb.ChatMessage(role="user")]), bad),
+        ("65 messages", pb.GenerateRequest(
+            messages=[pb.ChatMessage(role="user", content="hi")] * 65), bad),
+        ("max_new_tokens 0", pb.GenerateRequest(text="侬好", max_new_tokens=0), bad),
+        ("top_k -1", pb.GenerateRequest(text="侬好", top_k=-1), bad),
+        ("repetition_penalty 0", pb.GenerateRequest(text="侬好", repetition_penalty=0.0), bad),
+        ("empty stop string", pb.GenerateRequest(text="侬好", stop=[""]), bad),
+        ("300-byte stop string", pb.GenerateRequest(text="侬好", stop=["x" * 300]), bad),
         ("text and prompt", pb.GenerateRequest(text="a", prompt="b"), bad),
         ("no input", pb.GenerateRequest(dialect="wuyu"), bad),
         ("dialect ../x", pb.GenerateRequest(text="侬好", dialect="../x"), bad),
