@@ -35,6 +35,7 @@ import json
 import random
 import shutil
 import statistics
+import subprocess
 import tempfile
 import time
 import urllib.request
@@ -45,8 +46,9 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+import torch
 
-from bench.common import RESULTS, commit, print_table
+from bench.common import RESULTS, commit, device_description, print_table
 from clients.loadtest import DEFAULT_UTTERANCES
 from protos.switchboard.v1 import switchboard_pb2 as pb
 from protos.switchboard.v1 import switchboard_pb2_grpc as pb_grpc
@@ -68,6 +70,9 @@ ALLOWED: dict[str, frozenset[str]] = {
 STABLE = ("wuyu", "cantonese", "stable-r4", "stable-r16")
 CHURNED = ("churn-0", "churn-1", "churn-2")
 MAX_BATCH, MAX_QUEUE, MAX_LORAS = 16, 24, 4
+MAX_RSS_GROWTH_MB = 100.0
+DOC = REPO_ROOT / "docs" / "reliability.md"
+DOC_BEGIN, DOC_END = "<!-- soak-table:begin -->", "<!-- soak-table:end -->"
 LEAK_GAUGES = ("switchboard_queue_depth", "switchboard_running_batch_size",
                "switchboard_adapter_version_pins", "switchboard_adapter_slot_pins",
                "switchboard_adapter_loads_in_progress")
@@ -159,27 +164,36 @@ class Tally:
 
 
 class Gate:
-    """Lets calls through unless a burst is being prepared; counts the calls in flight."""
+    """Lets calls through unless a burst is under way; counts the calls in flight."""
 
-    def __init__(self) -> None:
+    def __init__(self, stop: asyncio.Event) -> None:
+        self.stop = stop
         self.open = asyncio.Event()
         self.open.set()
         self.in_flight = 0
 
     @contextlib.asynccontextmanager
-    async def call(self) -> AsyncIterator[None]:
+    async def call(self) -> AsyncIterator[bool]:
+        """Yields whether to make the call: False once the run has ended."""
         await self.open.wait()
+        if self.stop.is_set():
+            yield False
+            return
         self.in_flight += 1
         try:
-            yield
+            yield True
         finally:
             self.in_flight -= 1
 
-    async def close_and_drain(self, timeout: float) -> None:
+    async def close_and_drain(self, timeout: float) -> bool:
+        """Hold new calls and wait for those in flight; False if they did not end in time."""
         self.open.clear()
         limit = time.monotonic() + timeout
-        while self.in_flight and time.monotonic() < limit:
+        while self.in_flight:
+            if time.monotonic() > limit:
+                return False
             await asyncio.sleep(0.05)
+        return True
 
 
 def _code(exc: grpc.aio.AioRpcError) -> str:
@@ -221,10 +235,13 @@ class Soak:
     seed: int = 0
     burst_every_s: float = 45.0
     tally: Tally = field(default_factory=Tally)
-    gate: Gate = field(default_factory=Gate)
     stop: asyncio.Event = field(default_factory=asyncio.Event)
     bursts: list[dict[str, int]] = field(default_factory=list)
     mixed_calls: int = 0
+    driver_problems: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.gate = Gate(self.stop)
 
     def valid_request(self, rng: random.Random) -> pb.GenerateRequest:
         return pb.GenerateRequest(text=rng.choice(DEFAULT_UTTERANCES),
@@ -246,9 +263,11 @@ class Soak:
         rng = random.Random(self.seed * 1000 + index)
         cases = _malformed()
         while not self.stop.is_set():
-            async with self.gate.call():
+            async with self.gate.call() as go:
+                if not go:
+                    break
                 self.mixed_calls += 1
-                if self.mixed_calls % 20 == 0:
+                if self.mixed_calls % 20 == 10:
                     what, request, expected = cases[(self.mixed_calls // 20) % len(cases)]
                     status = await (unary(self.stub, request, timeout=60) if rng.random() < 0.5
                                     else stream(self.stub, request, self.tally, timeout=60))
@@ -258,7 +277,9 @@ class Soak:
 
     async def cancel_worker(self) -> None:
         while not self.stop.is_set():
-            async with self.gate.call():
+            async with self.gate.call() as go:
+                if not go:
+                    break
                 call = self.stub.GenerateStream(
                     pb.GenerateRequest(prompt=LONG_PROMPT, max_new_tokens=200), timeout=300)
                 status = "NO_CHUNK"
@@ -277,7 +298,9 @@ class Soak:
     async def deadline_worker(self) -> None:
         rng = random.Random(self.seed + 7)
         while not self.stop.is_set():
-            async with self.gate.call():
+            async with self.gate.call() as go:
+                if not go:
+                    break
                 request = pb.GenerateRequest(prompt=LONG_PROMPT, max_new_tokens=200)
                 timeout = rng.uniform(0.1, 0.6)
                 status = await (unary(self.stub, request, timeout) if rng.random() < 0.5
@@ -288,7 +311,9 @@ class Soak:
     async def churn_call_worker(self) -> None:
         rng = random.Random(self.seed + 11)
         while not self.stop.is_set():
-            async with self.gate.call():
+            async with self.gate.call() as go:
+                if not go:
+                    break
                 request = pb.GenerateRequest(text=rng.choice(DEFAULT_UTTERANCES),
                                              dialect=rng.choice(CHURNED), max_new_tokens=6)
                 status = await unary(self.stub, request, timeout=300)
@@ -338,21 +363,32 @@ class Soak:
         publish(self.variants / f"{name}-v{variant}", self.adapters_root / name,
                 self.fingerprint)
 
+    async def burst(self, new_tokens: int = 32) -> dict[str, int]:
+        """Twice queue + batch calls at once; only these may get RESOURCE_EXHAUSTED."""
+        size = 2 * (MAX_QUEUE + MAX_BATCH)
+        statuses = await asyncio.gather(*(
+            unary(self.stub, pb.GenerateRequest(text=DEFAULT_UTTERANCES[i % 8],
+                                                max_new_tokens=new_tokens), timeout=300)
+            for i in range(size)))
+        for status in statuses:
+            self.tally.record("burst", status, ALLOWED["burst"])
+        return {"calls": size, "resource_exhausted": statuses.count("RESOURCE_EXHAUSTED")}
+
     async def burst_worker(self) -> None:
-        while True:
-            await self.pause(self.burst_every_s)
-            if self.stop.is_set():
-                return
-            await self.gate.close_and_drain(120)
-            size = 2 * (MAX_QUEUE + MAX_BATCH)
-            statuses = await asyncio.gather(*(
-                unary(self.stub, pb.GenerateRequest(text=DEFAULT_UTTERANCES[i % 8],
-                                                    max_new_tokens=8), timeout=300)
-                for i in range(size)))
-            for status in statuses:
-                self.tally.record("burst", status, ALLOWED["burst"])
-            self.bursts.append({"calls": size,
-                                "resource_exhausted": statuses.count("RESOURCE_EXHAUSTED")})
+        """Every ``burst_every_s``: hold the other classes, let the calls in flight end,
+        burst, reopen. Only this worker opens the gate, so no other call meets a burst."""
+        try:
+            while True:
+                await self.pause(self.burst_every_s)
+                if self.stop.is_set():
+                    return
+                if not await self.gate.close_and_drain(300):
+                    self.driver_problems.append(
+                        f"burst skipped: {self.gate.in_flight} calls still in flight after 300 s")
+                else:
+                    self.bursts.append(await self.burst())
+                self.gate.open.set()
+        finally:
             self.gate.open.set()
 
 
@@ -427,6 +463,8 @@ async def drive(address: str, metrics_url: str, pid: int, root: Path, variants: 
         idle = await idle_run(stub, 24, seed)
 
         soak = Soak(stub, root, variants, fingerprint, seed, burst_every_s=burst_every)
+        progress("warm-up burst (its memory belongs in the RSS baseline)")
+        warm_up_burst = await soak.burst()
         rss: list[tuple[float, float]] = []
 
         async def sample_rss() -> None:
@@ -447,8 +485,8 @@ async def drive(address: str, metrics_url: str, pid: int, root: Path, variants: 
             if failed:
                 soak.stop.set()
                 raise RuntimeError("a driver task failed") from failed[0].exception()
-        soak.stop.set()
-        soak.gate.open.set()
+        soak.stop.set()  # the burst worker reopens the gate once its burst, if any, ends
+        stopped = time.monotonic()
         await asyncio.wait_for(asyncio.gather(*tasks), 600)
         ran_s = time.monotonic() - started
 
@@ -466,15 +504,16 @@ async def drive(address: str, metrics_url: str, pid: int, root: Path, variants: 
                                                      max_new_tokens=4), timeout=120)
 
     window = min(60.0, duration / 3)
-    first = [mb for t, mb in rss if t - started <= window]
-    last = [mb for t, mb in rss if t >= started + ran_s - window]
+    first = [mb for t, mb in rss if t - started <= window] or [float("nan")]
+    last = [mb for t, mb in rss if t >= stopped - window] or [float("nan")]
     tally = soak.tally
     by_class: dict[str, dict[str, int]] = {}
     for (kind, status), count in sorted(tally.calls.items()):
         by_class.setdefault(kind, {})[status] = count
     under_load = sorted(tally.valid_latency)
     return {
-        "duration_s": round(ran_s, 1),
+        "duration_s": round(stopped - started, 1),
+        "wind_down_s": round(ran_s - (stopped - started), 1),
         "calls": sum(tally.calls.values()),
         "calls_by_class": by_class,
         "disallowed_outcomes": len(tally.disallowed),
@@ -483,6 +522,8 @@ async def drive(address: str, metrics_url: str, pid: int, root: Path, variants: 
         "left_after_traffic": left,
         "valid_call_after_traffic": after,
         "bursts": soak.bursts,
+        "warm_up_burst": warm_up_burst,
+        "driver_problems": soak.driver_problems,
         "anon_rss_mb": {"window_s": window,
                         "first_median": round(statistics.median(first), 1),
                         "last_median": round(statistics.median(last), 1),
@@ -503,12 +544,17 @@ def _percentiles(seconds: list[float]) -> dict[str, float]:
 
 def problems(report: dict[str, Any]) -> list[str]:
     """What makes a soak run fail (empty when it passed)."""
-    found = []
+    found = list(report["driver_problems"])
+    if report.get("server_exit_code") != 0:
+        found.append(f"the server exited with {report.get('server_exit_code')} after SIGTERM")
     if report["disallowed_outcomes"]:
         found.append(f"{report['disallowed_outcomes']} disallowed outcomes, e.g. "
                      f"{report['disallowed_examples'][:3]}")
     if report["streams_without_final_status"]:
         found.append(f"{report['streams_without_final_status']} streams without a final status")
+    growth = report["anon_rss_mb"]["growth"]
+    if not growth < MAX_RSS_GROWTH_MB:  # also NaN: no samples
+        found.append(f"anonymous RSS grew {growth} MB (limit {MAX_RSS_GROWTH_MB})")
     leaked = {k: v for k, v in report["left_after_traffic"].items() if v}
     if leaked:
         found.append(f"left after the traffic: {leaked}")
@@ -539,9 +585,15 @@ def run(duration: float, burst_every: float = 45.0, seed: int = 0,
             report["server_alive_after"] = process.poll() is None
         finally:
             process.terminate()
-            report_exit = process.wait(60)
-        report["server_exit_code"] = report_exit
-        report.update(command=f"python -m bench.soak --duration {duration:g}", commit=commit(),
+            try:
+                exit_code: int | None = process.wait(60)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                exit_code = None
+        report["server_exit_code"] = exit_code
+        report.update(command=f"make soak DURATION={duration:g}", commit=commit(),
+                      device=device_description(torch.device(
+                          "cuda" if torch.cuda.is_available() else "cpu")),
                       settings={"max_batch_size": MAX_BATCH, "max_queue_size": MAX_QUEUE,
                                 "max_loras": MAX_LORAS, "stable": STABLE, "churned": CHURNED,
                                 "burst_every_s": burst_every, "seed": seed})
@@ -556,24 +608,47 @@ def run(duration: float, burst_every: float = 45.0, seed: int = 0,
         shutil.rmtree(workdir, ignore_errors=True)
 
 
-def print_report(report: dict[str, Any], out: Path | None) -> None:
-    rows = []
-    for kind, statuses in report["calls_by_class"].items():
-        rows.append((kind, ", ".join(f"{s} {n}" for s, n in statuses.items())))
+def report_rows(report: dict[str, Any]) -> list[tuple[str, str]]:
+    rows = [(kind, ", ".join(f"{s} {n}" for s, n in statuses.items()))
+            for kind, statuses in report["calls_by_class"].items()]
     rss, latency = report["anon_rss_mb"], report["latency_ms"]
+    bursts = report["bursts"]
     rows += [
+        ("bursts (calls / RESOURCE_EXHAUSTED)",
+         ", ".join(f"{b['calls']}/{b['resource_exhausted']}" for b in bursts) or "none"),
         ("disallowed outcomes", str(report["disallowed_outcomes"])),
         ("streams without final status", str(report["streams_without_final_status"])),
         ("left after traffic", ", ".join(f"{k.removeprefix('switchboard_')} {v:g}"
                                           for k, v in report["left_after_traffic"].items())),
-        ("anon RSS first / last median", f"{rss['first_median']} / {rss['last_median']} MB "
-                                         f"(growth {rss['growth']} MB)"),
-        ("valid latency idle p50 / p95", f"{latency['idle']['p50']} / {latency['idle']['p95']} ms"),
-        ("valid latency load p50 / p95", f"{latency['under_load']['p50']} / "
-                                         f"{latency['under_load']['p95']} ms"),
+        ("anonymous RSS, first / last median", f"{rss['first_median']} / {rss['last_median']} "
+                                               f"MB (growth {rss['growth']} MB; "
+                                               f"{rss['window_s']:g} s windows)"),
+        ("valid calls p50 / p95, idle", f"{latency['idle']['p50']:.0f} / "
+                                        f"{latency['idle']['p95']:.0f} ms"),
+        ("valid calls p50 / p95, under load", f"{latency['under_load']['p50']:.0f} / "
+                                              f"{latency['under_load']['p95']:.0f} ms"),
+        ("server exit after SIGTERM", str(report["server_exit_code"])),
         ("result", "PASS" if not report["problems"] else "; ".join(report["problems"])),
     ]
-    print_table(f"soak, {report['duration_s']} s, {report['calls']} calls -> {out}", rows)
+    return rows
+
+
+def print_report(report: dict[str, Any], out: Path | None) -> None:
+    print_table(f"soak, {report['duration_s']} s, {report['calls']} calls -> {out}",
+                report_rows(report))
+
+
+def update_doc(report: dict[str, Any], doc: Path = DOC) -> None:
+    """Put the run's table between the markers in docs/reliability.md."""
+    lines = [f"Latest run: `{report['command']}` at commit {report['commit']}, "
+             f"{report['duration_s']} s of traffic (then {report['wind_down_s']} s for the "
+             f"calls in flight to end), {report['calls']} calls, {report['device']}.", "",
+             "| | |", "| --- | --- |"]
+    lines += [f"| {key} | {value} |" for key, value in report_rows(report)]
+    text = doc.read_text(encoding="utf-8")
+    head, rest = text.split(DOC_BEGIN, 1)
+    doc.write_text(head + DOC_BEGIN + "\n" + "\n".join(lines) + "\n" + DOC_END
+                   + rest.split(DOC_END, 1)[1], encoding="utf-8")
 
 
 def main() -> None:
@@ -582,8 +657,12 @@ def main() -> None:
     parser.add_argument("--burst-every", type=float, default=45.0)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=RESULTS / "soak.json")
+    parser.add_argument("--no-doc", action="store_true",
+                        help="do not write the table into docs/reliability.md")
     args = parser.parse_args()
     report = run(args.duration, args.burst_every, args.seed, args.out)
+    if not args.no_doc:
+        update_doc(report)
     raise SystemExit(1 if report["problems"] else 0)
 
 

@@ -93,22 +93,22 @@ def hold_engine(engine) -> tuple[threading.Event, list[int]]:
 
 
 def test_adapter_deleted_while_in_use_finishes_then_not_found(faulty):
-    stub = faulty.stub()
-    stream = stub.GenerateStream(generate("victim", max_new_tokens=24), timeout=60)
-    next(stream)  # decoding on victim
-    gate, held = hold_engine(faulty.engine)
+    stub, engine, cache = faulty.stub(), faulty.engine, faulty.cache
+    gate, held = hold_engine(engine)  # the call below stays in flight until the gate opens
     try:
-        wait_for(lambda: bool(held), 30)  # the engine is mid-call
+        stream = stub.GenerateStream(generate("victim", max_new_tokens=24), timeout=60)
+        wait_for(lambda: bool(held) and cache.usage()["version_pins"] == 1, 30)
         shutil.rmtree(faulty.root / "victim")
         # New calls are refused as soon as the poller sees the folder gone ...
-        wait_for(lambda: faulty.cache.info("victim").version is None, 30)
+        wait_for(lambda: cache.info("victim").version is None, 30)
         assert code_of(stub.Generate, generate("victim"), 30) == grpc.StatusCode.NOT_FOUND
     finally:
-        faulty.engine.fault_hook = None
+        engine.fault_hook = None
         gate.set()
     # ... while the call in flight finishes on the version it started with.
-    rest = list(stream)
-    assert rest[-1].HasField("final") and rest[-1].final.adapter.name == "victim"
+    messages = list(stream)
+    assert messages[-1].HasField("final") and messages[-1].final.adapter.name == "victim"
+    assert messages[-1].final.completion_tokens > 0
     assert stream.code() == grpc.StatusCode.OK
     error = _error(stub.Generate, generate("victim"))
     assert error.code() == grpc.StatusCode.NOT_FOUND and "victim" in error.details()
@@ -118,14 +118,21 @@ def test_adapter_deleted_while_in_use_finishes_then_not_found(faulty):
 
 def test_adapter_deleted_after_eviction_is_not_found(faulty):
     stub = faulty.stub()
-    assert code_of(stub.Generate, generate("evicted")) == grpc.StatusCode.OK
+
+    def listed() -> dict[str, pb.AdapterStatus]:
+        return {a.name: a for a in stub.ListAdapters(pb.ListAdaptersRequest()).adapters}
+
+    for name in ("evicted", "steady", "other"):  # two device slots: the third call evicts
+        assert code_of(stub.Generate, generate(name)) == grpc.StatusCode.OK
+    assert listed()["evicted"].tier == pb.TIER_HOST  # out of its device slot
     status = stub.UnloadAdapter(pb.UnloadAdapterRequest(name="evicted"), timeout=30)
-    assert status.tier == pb.TIER_DISK  # out of the slots and of host memory
+    assert status.tier == pb.TIER_DISK  # and out of host memory
     shutil.rmtree(faulty.root / "evicted")
     wait_for(lambda: "evicted" not in faulty.cache.store.names(), 30)
     assert code_of(stub.Generate, generate("evicted")) == grpc.StatusCode.NOT_FOUND
     assert code_of(stub.LoadAdapter, pb.LoadAdapterRequest(name="evicted")) \
         == grpc.StatusCode.NOT_FOUND
+    assert "evicted" not in listed()
     assert_still_serving(faulty)
 
 
@@ -145,11 +152,13 @@ def test_corrupt_adapter_loaded_50_times_during_live_traffic(faulty):
         thread.start()
     try:
         admin = faulty.stub()
+        wait_for(lambda: len(outcomes) >= 3, 60)  # the traffic is running
+        before = len(outcomes)
         for _ in range(50):
             error = _error(admin.LoadAdapter, pb.LoadAdapterRequest(name="corrupt"))
             assert error.code() == grpc.StatusCode.FAILED_PRECONDITION
             assert "corrupt" in error.details()
-        wait_for(lambda: len(outcomes) >= 6, 60)  # traffic ran alongside
+        assert len(outcomes) > before  # calls completed while the loads were refused
     finally:
         stop.set()
         for thread in threads:
@@ -181,29 +190,35 @@ def test_failed_reload_keeps_the_old_version_serving(faulty):
 
 def test_engine_fault_ends_the_affected_streams_with_internal(faulty):
     stub, engine = faulty.stub(), faulty.engine
-    streams = [stub.GenerateStream(generate(d, max_new_tokens=40, request_id=f"fault-{i}"),
+    streams = [stub.GenerateStream(generate(d, max_new_tokens=64, request_id=f"fault-{i}"),
                                    timeout=60)
                for i, d in enumerate(("steady", "other", ""))]
     for stream in streams:
         next(stream)  # all three are decoding
-    fired: list[int] = []
+    gate, held = threading.Event(), []
 
-    def explode(step: int) -> None:
+    def explode(step: int) -> None:  # hold the step, then fail it
         engine.fault_hook = None
-        fired.append(step)
+        held.append(step)
+        gate.wait(30)
         raise RuntimeError("injected fault")
 
     engine.fault_hook = explode
+    wait_for(lambda: bool(held), 30)
+    assert engine.stats()["running"] == 3  # the failing step holds all three rows
+    gate.set()
     for i, stream in enumerate(streams):
         with pytest.raises(grpc.RpcError) as info:
             list(stream)
         assert info.value.code() == grpc.StatusCode.INTERNAL
         assert f"request id fault-{i}" in info.value.details()
-    assert len(fired) == 1
+    assert len(held) == 1
     assert_still_serving(faulty)
 
 
 # -- SIGTERM (a `switchboard serve` process on the tiny model) ------------------------------
+EXIT_MARGIN_S = 5.0
+"""After the grace period: 1-2 s of gRPC grace for trailers, the engine's stop, the exit."""
 PROCESS_CONFIG = """
 port: 0
 metrics_port: -1
@@ -251,9 +266,10 @@ def test_sigterm_while_an_adapter_load_is_stuck_exits_within_the_grace_period(
         assert code_of(stub.Generate, generate()) == grpc.StatusCode.OK  # still serving
         signalled = time.monotonic()
         process.send_signal(signal.SIGTERM)
-        code = process.wait(grace + 20)
-        assert time.monotonic() - signalled < grace + 20
+        code = process.wait(grace + 60)
+        elapsed = time.monotonic() - signalled
         assert code == 0, log_path.read_text()[-2000:]
+        assert elapsed < grace + EXIT_MARGIN_S, elapsed
         loader.join(30)
         assert outcome and outcome[0] in (grpc.StatusCode.UNAVAILABLE,
                                           grpc.StatusCode.CANCELLED), outcome
@@ -295,7 +311,7 @@ def test_second_sigterm_while_draining_does_not_hang(tmp_path, tiny_model_dir, t
         process.send_signal(signal.SIGTERM)
         wait_for(lambda: "draining" in log_path.read_text(), 10)
         process.send_signal(signal.SIGTERM)  # impatient operator
-        code = process.wait(grace + 20)
+        code = process.wait(grace + 60)
         elapsed = time.monotonic() - signalled
         for thread in threads:
             thread.join(30)
@@ -304,7 +320,7 @@ def test_second_sigterm_while_draining_does_not_hang(tmp_path, tiny_model_dir, t
         if process.poll() is None:
             process.kill()
     assert code == 0, log_path.read_text()[-2000:]
-    assert elapsed < grace + 15, elapsed
+    assert elapsed < grace + EXIT_MARGIN_S, elapsed
     # Every stream ended with a status: finished, or cut at the end of the grace period.
     for outcome in outcomes:
         assert outcome in ("final", grpc.StatusCode.UNAVAILABLE,

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import logging
 import os
 import signal
@@ -260,15 +261,19 @@ def main(argv: list[str]) -> int:
         return 2
     configure_logging(config.log_json, config.log_level)
     log.info("configuration", extra={"fields": {"config": config.public_dict()}})
+    code = 1
     try:
         code = asyncio.run(serve(config))
     except SwitchboardError as exc:
         print(f"error: {exc}", file=sys.stderr)
-        return 2
+        code = 2
     except (OSError, RuntimeError) as exc:  # e.g. the port is taken, a TLS file is missing
         print(f"error: {str(exc).splitlines()[0][:200]}", file=sys.stderr)
-        return 2
-    exit_process(code)
+        code = 2
+    except BaseException:
+        log.exception("the server failed")
+    finally:
+        exit_process(code)
     return code  # not reached
 
 
@@ -279,7 +284,8 @@ def exit_process(code: int) -> None:
     would otherwise keep the interpreter waiting at exit: ``concurrent.futures`` joins
     its workers then, daemon or not.
     """
-    logging.shutdown()
-    sys.stdout.flush()
-    sys.stderr.flush()
+    with contextlib.suppress(Exception):  # e.g. a closed pipe: exit all the same
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
     os._exit(code)
