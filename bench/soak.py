@@ -247,13 +247,28 @@ class Soak:
         return pb.GenerateRequest(text=rng.choice(DEFAULT_UTTERANCES),
                                   max_new_tokens=rng.randint(4, 12), **rng.choice(VALID_ROUTES))
 
+    async def either(self, rng: random.Random, request: pb.GenerateRequest,
+                     timeout: float) -> str:
+        """The request as a unary or a streaming call, at random."""
+        if rng.random() < 0.5:
+            return await unary(self.stub, request, timeout)
+        return await stream(self.stub, request, self.tally, timeout)
+
+    async def repeat(self, one_call: Callable[[], Awaitable[None]], pause_s: float = 0.0
+                     ) -> None:
+        """Make calls through the gate until the run ends."""
+        while not self.stop.is_set():
+            async with self.gate.call() as go:
+                if not go:
+                    return
+                await one_call()
+            if pause_s:
+                await self.pause(pause_s)
+
     async def valid_call(self, rng: random.Random) -> None:
         request = self.valid_request(rng)
         started = time.perf_counter()
-        if rng.random() < 0.5:
-            status = await unary(self.stub, request, timeout=300)
-        else:
-            status = await stream(self.stub, request, self.tally, timeout=300)
+        status = await self.either(rng, request, 300)
         if status == OK:
             self.tally.valid_latency.append(time.perf_counter() - started)
         self.tally.record("valid", status, ALLOWED["valid"], str(request.dialect or "routed"))
@@ -262,62 +277,56 @@ class Soak:
         """Valid calls; every 20th call of these workers (5%) is a malformed one."""
         rng = random.Random(self.seed * 1000 + index)
         cases = _malformed()
-        while not self.stop.is_set():
-            async with self.gate.call() as go:
-                if not go:
-                    break
-                self.mixed_calls += 1
-                if self.mixed_calls % 20 == 10:
-                    what, request, expected = cases[(self.mixed_calls // 20) % len(cases)]
-                    status = await (unary(self.stub, request, timeout=60) if rng.random() < 0.5
-                                    else stream(self.stub, request, self.tally, timeout=60))
-                    self.tally.record("malformed", status, frozenset({expected}), what)
-                else:
-                    await self.valid_call(rng)
+
+        async def one_call() -> None:
+            self.mixed_calls += 1
+            if self.mixed_calls % 20 != 10:
+                await self.valid_call(rng)
+                return
+            what, request, expected = cases[(self.mixed_calls // 20) % len(cases)]
+            status = await self.either(rng, request, 60)
+            self.tally.record("malformed", status, frozenset({expected}), what)
+
+        await self.repeat(one_call)
 
     async def cancel_worker(self) -> None:
-        while not self.stop.is_set():
-            async with self.gate.call() as go:
-                if not go:
+        async def one_call() -> None:
+            call = self.stub.GenerateStream(
+                pb.GenerateRequest(prompt=LONG_PROMPT, max_new_tokens=200), timeout=300)
+            status = "NO_CHUNK"
+            try:
+                async for _ in call:
+                    call.cancel()
                     break
-                call = self.stub.GenerateStream(
-                    pb.GenerateRequest(prompt=LONG_PROMPT, max_new_tokens=200), timeout=300)
-                status = "NO_CHUNK"
-                try:
-                    async for _ in call:
-                        call.cancel()
-                        break
-                    status = str((await call.code()).name)
-                except grpc.aio.AioRpcError as exc:
-                    status = _code(exc)
-                except asyncio.CancelledError:
-                    status = "CANCELLED"
-                self.tally.record("cancel", status, ALLOWED["cancel"])
-            await self.pause(0.25)
+                status = str((await call.code()).name)
+            except grpc.aio.AioRpcError as exc:
+                status = _code(exc)
+            except asyncio.CancelledError:
+                status = "CANCELLED"
+            self.tally.record("cancel", status, ALLOWED["cancel"])
+
+        await self.repeat(one_call, pause_s=0.25)
 
     async def deadline_worker(self) -> None:
         rng = random.Random(self.seed + 7)
-        while not self.stop.is_set():
-            async with self.gate.call() as go:
-                if not go:
-                    break
-                request = pb.GenerateRequest(prompt=LONG_PROMPT, max_new_tokens=200)
-                timeout = rng.uniform(0.1, 0.6)
-                status = await (unary(self.stub, request, timeout) if rng.random() < 0.5
-                                else stream(self.stub, request, self.tally, timeout))
-                self.tally.record("deadline", status, ALLOWED["deadline"])
-            await self.pause(0.25)
+
+        async def one_call() -> None:
+            request = pb.GenerateRequest(prompt=LONG_PROMPT, max_new_tokens=200)
+            status = await self.either(rng, request, rng.uniform(0.1, 0.6))
+            self.tally.record("deadline", status, ALLOWED["deadline"])
+
+        await self.repeat(one_call, pause_s=0.25)
 
     async def churn_call_worker(self) -> None:
         rng = random.Random(self.seed + 11)
-        while not self.stop.is_set():
-            async with self.gate.call() as go:
-                if not go:
-                    break
-                request = pb.GenerateRequest(text=rng.choice(DEFAULT_UTTERANCES),
-                                             dialect=rng.choice(CHURNED), max_new_tokens=6)
-                status = await unary(self.stub, request, timeout=300)
-                self.tally.record("churn_call", status, ALLOWED["churn_call"], request.dialect)
+
+        async def one_call() -> None:
+            request = pb.GenerateRequest(text=rng.choice(DEFAULT_UTTERANCES),
+                                         dialect=rng.choice(CHURNED), max_new_tokens=6)
+            status = await unary(self.stub, request, timeout=300)
+            self.tally.record("churn_call", status, ALLOWED["churn_call"], request.dialect)
+
+        await self.repeat(one_call)
 
     async def admin(self, name: str, call: Callable[..., Awaitable[Any]], request: Any) -> None:
         try:
