@@ -287,3 +287,19 @@ def test_gate_refuses_a_run_without_a_score_over_a_scored_version():
     assert "below" in gate(scored, 39.0, force=False)
     assert gate(scored, 41.0, force=False) is None
     assert gate(scored, None, force=True) is None
+
+
+def test_published_adapter_config_does_not_depend_on_set_order():
+    """PEFT saves target_modules in set order; two runs of one config must publish the
+    same bytes (and so the same adapter version)."""
+    import json
+
+    from trainer.publish import canonical_adapter_config
+
+    one = json.dumps({"r": 16, "target_modules": ["v_proj", "q_proj", "k_proj"]}).encode()
+    two = json.dumps({"target_modules": ["k_proj", "v_proj", "q_proj"], "r": 16}).encode()
+    assert canonical_adapter_config(one) == canonical_adapter_config(two)
+    assert json.loads(canonical_adapter_config(one))["target_modules"] == [
+        "k_proj", "q_proj", "v_proj"]
+    regex = json.dumps({"r": 8, "target_modules": "^.*q_proj$"}).encode()
+    assert json.loads(canonical_adapter_config(regex))["target_modules"] == "^.*q_proj$"

@@ -12,6 +12,7 @@ files are kept in ``adapters/<name>/previous/`` for rollback.
 
 from __future__ import annotations
 
+import json
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -89,6 +90,16 @@ Serve it: a running `switchboard serve` picks this folder up by itself; call it 
 """
 
 
+def canonical_adapter_config(raw: bytes) -> bytes:
+    """PEFT writes ``target_modules`` from a set, so its order changes from one process to
+    the next (string hashing is randomised). Sorted, the same training run gives the same
+    bytes, hence the same adapter version."""
+    data = json.loads(raw)
+    if isinstance(data.get("target_modules"), list):
+        data["target_modules"] = sorted(data["target_modules"])
+    return (json.dumps(data, indent=2, sort_keys=True, ensure_ascii=False) + "\n").encode()
+
+
 def publish(config: TrainConfig, adapter_dir: Path, base_fingerprint: str,
             metrics: dict[str, float], data_digest: str, root: Path,
             force: bool = False) -> PublishResult:
@@ -112,8 +123,10 @@ def publish(config: TrainConfig, adapter_dir: Path, base_fingerprint: str,
         for name in (ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE, MANIFEST_FILE):
             if (target / name).exists():
                 shutil.copy2(target / name, previous / name)
-    for name in (ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE):
-        atomic_write_bytes(target / name, (adapter_dir / name).read_bytes())
+    atomic_write_bytes(target / ADAPTER_CONFIG_FILE,
+                       canonical_adapter_config((adapter_dir / ADAPTER_CONFIG_FILE).read_bytes()))
+    atomic_write_bytes(target / ADAPTER_WEIGHTS_FILE,
+                       (adapter_dir / ADAPTER_WEIGHTS_FILE).read_bytes())
     numbers: dict[str, Any] = {k: float(v) for k, v in metrics.items()}
     manifest = AdapterManifest(
         name=config.name, prompt_template=config.prompt_template,
