@@ -61,9 +61,10 @@ def run_ours(folder: Path) -> dict:
     import torch
 
     from trainer.config import load_train_config
-    from trainer.data import encode, read_rows
+    from trainer.data import encode
     from trainer.loop import train_loop
     from trainer.model import load_for_training
+    from trainer.rows import read_rows
 
     (folder / "train.yaml").write_text(
         f"name: bench\nmetadata_path: data.csv\nbatch_size: {BATCH}\nepochs: 1\n"
@@ -131,7 +132,8 @@ def run_baseline(folder: Path) -> dict:
 
     from server.basemodel import load_base_model
     from server.formats.prompt import DEFAULT_PROMPT_TEMPLATE
-    from trainer.data import encode, read_rows
+    from trainer.data import encode
+    from trainer.rows import read_rows
 
     torch.manual_seed(0)
     base = load_base_model("default", dtype="float32")

@@ -43,6 +43,13 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory, tokenizer) -> Path:
 
 
 @pytest.fixture(scope="session")
+def trainable_tiny_dir(tmp_path_factory: pytest.TempPathFactory, tokenizer) -> Path:
+    """A tiny LLaMA a LoRA can fit in a few steps (trainer tests)."""
+    return build_tiny_llama(tmp_path_factory.mktemp("tiny-trainable"), tokenizer,
+                            trainable=True)
+
+
+@pytest.fixture(scope="session")
 def tiny_model(tiny_model_dir: Path) -> LoadedBaseModel:
     return load_base_model(tiny_model_dir, dtype="float32")
 

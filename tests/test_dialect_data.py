@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from server.service.config import REPO_ROOT
-from trainer.data import read_rows
+from trainer.rows import read_rows
 
 DIALECTS = ("wuyu", "cantonese")
 MAX_JACCARD = 0.7

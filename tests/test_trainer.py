@@ -22,10 +22,11 @@ from server.formats.manifest import (
 )
 from server.formats.prompt import build_prompt
 from tests.adapter_fixtures import serve
-from tests.tiny_llama import build_tiny_llama
 from trainer.config import load_train_config
-from trainer.data import collate, encode, read_rows
+from trainer.data import collate, encode
 from trainer.model import label_loss, load_for_training
+from trainer.plan import plan_run
+from trainer.rows import read_rows
 from trainer.run import train
 
 ROWS = [("侬今朝吃饭伐?", "Have you eaten today?"), ("阿拉明朝见", "See you tomorrow"),
@@ -34,28 +35,29 @@ ROWS = [("侬今朝吃饭伐?", "Have you eaten today?"), ("阿拉明朝见", "S
         ("再会", "Goodbye")]
 
 
-@pytest.fixture(scope="session")
-def trainable_tiny_dir(tmp_path_factory, tokenizer) -> Path:
-    return build_tiny_llama(tmp_path_factory.mktemp("tiny-trainable"), tokenizer,
-                            trainable=True)
-
-
 def write_csv(path: Path, rows, header: str = "text,label") -> Path:
     lines = [header] + [f"{text},{label}" for text, label in rows]
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
     return path
 
 
+@pytest.fixture(autouse=True)
+def _run_in_tmp(tmp_path, monkeypatch):
+    """Run where a user would: relative outputs land in the test's folder, not the repo."""
+    monkeypatch.chdir(tmp_path)
+
+
 def make_config(folder: Path, base: Path, **keys) -> Path:
-    """adapters-like layout: <folder>/train.yaml + data.csv (+ val.csv)."""
+    """adapters-like layout: <folder>/train.yaml + data.csv (+ val.csv), named after it."""
     folder.mkdir(parents=True, exist_ok=True)
     write_csv(folder / "data.csv", ROWS)
     write_csv(folder / "val.csv", ROWS[:3])
-    settings = {"metadata_path": "data.csv", "val_path": "val.csv", "base_model": str(base),
+    settings = {"name": folder.name, "metadata_path": "data.csv", "val_path": "val.csv",
+                "base_model": str(base),
                 "target_modules": "all-linear", "lora_rank": 8, "lora_alpha": 16,
                 "dropout": 0.0, "batch_size": 4, "epochs": 60, "learning_rate": 1e-2,
                 "save_steps": 0, "eval_samples": 3, "eval_max_new_tokens": 12,
-                "adapters_root": str(folder.parent / "published")}
+                "publish_root": str(folder.parent / "published")}
     settings.update(keys)
     path = folder / "train.yaml"
     path.write_text("\n".join(f"{k}: {json.dumps(v)}" for k, v in settings.items()) + "\n")
@@ -72,7 +74,7 @@ def test_train_cli_end_to_end(tmp_path, trainable_tiny_dir, capsys):
     out = capsys.readouterr().out
     assert "published wuyu" in out and "val_chrf_adapter" in out
 
-    run = tmp_path / "wuyu" / "runs" / "wuyu"
+    run = tmp_path / "runs" / "wuyu"  # output_dir's default, from the current directory
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["train_loss_final"] <= 0.5 * metrics["train_loss_initial"]
     assert (run / "loss.png").stat().st_size > 1000
@@ -110,7 +112,7 @@ def test_train_cli_end_to_end(tmp_path, trainable_tiny_dir, capsys):
 def test_vocabulary_projection_runs_on_exactly_the_label_tokens(tmp_path,
                                                                trainable_tiny_dir):
     config = load_train_config(make_config(tmp_path / "a", trainable_tiny_dir))
-    base, model = load_for_training(config)
+    base, model = load_for_training(config, plan_run(config))
     examples = encode(read_rows(tmp_path / "a" / "data.csv"), base.tokenizer,
                       config.prompt_template, config.max_seq_length, True).examples
     batch = collate(examples[:4], base.tokenizer.eos_token_id)
@@ -130,30 +132,29 @@ def test_resume_is_exact(tmp_path, trainable_tiny_dir):
     state must travel with the checkpoint)."""
     path = make_config(tmp_path / "r", trainable_tiny_dir, epochs=3, save_steps=3,
                        dropout=0.1, val_path="", val_split=0.0, eval_samples=0)
-    whole = train(load_train_config(path), do_publish=False, quiet=True)
+    whole = train(load_train_config(path), quiet=True)
     assert whole.metrics["steps"] == 6
     resumed = train(load_train_config(path, [
         f"resume_from={whole.output_dir / 'checkpoints' / 'step-3'}", "output_dir=runs/resumed"]),
-        do_publish=False, quiet=True)
+        quiet=True)
     a, b = lora_weights(whole.adapter_dir), lora_weights(resumed.adapter_dir)
     assert a.keys() == b.keys()
     assert max(float((a[k] - b[k]).abs().max()) for k in a) <= 1e-6
     with pytest.raises(InvalidOption, match="different batch_size"):
         train(load_train_config(path, [f"resume_from={whole.output_dir}/checkpoints/step-3",
                                        "output_dir=runs/mismatch", "batch_size=2"]),
-              do_publish=False, quiet=True)
-    again = train(load_train_config(path, ["output_dir=runs/again"]), do_publish=False,
-                  quiet=True)
+              quiet=True)
+    again = train(load_train_config(path, ["output_dir=runs/again"]), quiet=True)
     c = lora_weights(again.adapter_dir)
     assert all(torch.equal(a[k], c[k]) for k in a)  # same seed, same adapter
 
 
 def test_init_from_continues_from_the_given_adapter(tmp_path, trainable_tiny_dir):
     first = train(load_train_config(make_config(tmp_path / "f", trainable_tiny_dir,
-                                                eval_samples=0)), do_publish=False, quiet=True)
+                                                eval_samples=0)), quiet=True)
     second = train(load_train_config(make_config(
         tmp_path / "g", trainable_tiny_dir, epochs=1, eval_samples=0,
-        init_from=str(first.adapter_dir))), do_publish=False, quiet=True)
+        init_from=str(first.adapter_dir))), quiet=True)
     assert first.metrics["train_loss_initial"] > 5
     assert second.metrics["train_loss_initial"] < 0.2 * first.metrics["train_loss_initial"]
 
@@ -182,14 +183,14 @@ def test_publish_gate(tmp_path, trainable_tiny_dir, capsys):
     ({"batch_size": "eight"}, "batch_size must be an integer"),
     ({"learning_rate": "fast"}, "learning_rate must be a number"),
     ({"target_modules": ["q_proj", "qq_proj"]}, "target_modules: unknown module"),
-    ({"metadata_path": "missing.csv"}, "missing.csv does not exist"),
+    ({"metadata_path": "missing.csv"}, "metadata_path: 'missing.csv' does not exist"),
     ({"max_seq_length": 4}, "cuts the whole answer of every training row"),
     ({"prompt_template": "no placeholder"}, "prompt_template"),
 ])
 def test_config_errors_name_the_problem(tmp_path, trainable_tiny_dir, keys, message):
     path = make_config(tmp_path / "e", trainable_tiny_dir, **keys)
     with pytest.raises(InvalidOption, match=message):
-        train(load_train_config(path), do_publish=False, quiet=True)
+        train(load_train_config(path), quiet=True)
 
 
 def test_aliases_from_other_tools(tmp_path, trainable_tiny_dir):
@@ -234,7 +235,7 @@ def test_early_stopping_publishes_the_best_checkpoint(tmp_path, trainable_tiny_d
     labels = [label for _, label in ROWS]
     write_csv(folder / "val.csv", [(text, labels[(i + 3) % len(labels)])
                                    for i, (text, _) in enumerate(ROWS)])
-    result = train(load_train_config(path), do_publish=False, quiet=True)
+    result = train(load_train_config(path), quiet=True)
     metrics = result.metrics
     assert metrics["steps"] < 120  # 60 epochs x 2 steps, stopped well before
     assert metrics["best_step"] < metrics["steps"]

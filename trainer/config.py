@@ -5,13 +5,23 @@ The founding document's keys work as written (``train_data_dir``, ``metadata_pat
 ``epochs``, ``learning_rate``, ``max_seq_length``, ``output_dir``, ``save_steps``), and
 common spellings of other tools are accepted as aliases (``lora_r``, ``lora_dropout``,
 ``num_epochs`` ...). An unknown key is an error that suggests the closest valid one.
-Relative paths are taken from the config file's folder.
+
+Paths, one rule (docs/trainer.md): a relative path is taken from the current directory,
+as with any command-line tool. An *input* that is not there (``train_data_dir``, the data
+files, ``base_model``, ``init_from``, ``resume_from``) is then looked for in the config
+file's folder, so a config kept beside its data works from anywhere; a missing input is
+an error naming every place tried. ``metadata_path`` and ``val_path`` are joined onto
+``train_data_dir`` unless they already lie under it (``data/train/x.csv`` under
+``data/train`` is taken as is). Outputs (``output_dir``, ``publish_root``) are always
+from the current directory. The adapter's name is ``name``, else ``dialect``, else the
+last part of ``output_dir``; never the config file's folder.
 """
 
 from __future__ import annotations
 
 import difflib
 import math
+import os
 import typing
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -36,6 +46,7 @@ ALIASES = {
     "max_length": "max_seq_length", "cutoff_len": "max_seq_length",
     "eval_steps": "eval_every",
     "warmup": "warmup_ratio",
+    "adapters_root": "publish_root",
 }
 
 
@@ -44,9 +55,11 @@ class TrainConfig:
     metadata_path: str
     """The training data: a CSV with ``text,label`` columns or a JSONL file with those keys."""
     name: str = ""
-    """Adapter name (``adapters/<name>/``); default: the config file's folder name."""
+    """Adapter name (``<publish_root>/<name>/``); default: ``dialect``, else the last part
+    of ``output_dir``."""
     train_data_dir: str = ""
-    """Folder ``metadata_path`` and ``val_path`` are relative to (default: the config's)."""
+    """Folder ``metadata_path`` and ``val_path`` are joined onto, unless they already lie
+    under it."""
     base_model: str = "default"
     """``default`` (SmolLM2-135M-Instruct), a ``.gguf`` file or an HF model folder."""
     task_type: str = "text-generation"
@@ -88,7 +101,7 @@ class TrainConfig:
     save_steps: int = 50
     """Checkpoint every this many optimizer steps (0: only the final one)."""
     output_dir: str = ""
-    """Checkpoints, metrics.json and loss.png; default ``runs/<name>`` next to the config."""
+    """Checkpoints, metrics.json and loss.png; default ``runs/<name>``."""
     quantize: str = "none"
     """``none`` or ``nf4`` (QLoRA: the frozen base in 4 bits)."""
     init_from: str = ""
@@ -100,14 +113,15 @@ class TrainConfig:
     dialect: str = ""
     """Human-facing dialect label for the manifest (default: the name)."""
     description: str = ""
-    adapters_root: str = ""
-    """Where to publish (default: the repository's ``adapters/``)."""
+    publish_root: str = "adapters"
+    """The adapter root to publish into (``<publish_root>/<name>/``), from the current
+    directory; ``switchboard train --no-publish`` skips publishing."""
     eval_max_new_tokens: int = 64
     eval_samples: int = 64
     """Validation rows generated from at the end (chrF/BLEU for base and adapter)."""
     device: str = "auto"
     config_dir: str = field(default=".", repr=False)
-    """Set by the loader: the folder relative paths are taken from."""
+    """Set by the loader: the config file's folder, where inputs are looked for second."""
 
     def __post_init__(self) -> None:
         positive = ("lora_rank", "batch_size", "grad_accum", "max_seq_length",
@@ -150,25 +164,65 @@ class TrainConfig:
         if not (math.isfinite(self.default_weight_scale) and self.default_weight_scale >= 0):
             raise InvalidOption("default_weight_scale must be a finite number >= 0")
 
-    def path(self, value: str, data: bool = False) -> Path:
-        """A configured path; relative ones from the data folder or the config's folder."""
-        p = Path(value).expanduser()
-        if p.is_absolute():
-            return p
-        base = Path(self.config_dir)
-        if data and self.train_data_dir:
-            base = self.path(self.train_data_dir)
-        return base / p
+    def input_candidates(self, value: str, data: bool = False) -> list[Path]:
+        """Where an input path may be, in the order tried (see the module docstring)."""
+        path = Path(value).expanduser()
+        if path.is_absolute():
+            return [path]
+        if data and self.train_data_dir and not _lies_under(path, self.train_data_dir):
+            return [folder / path for folder in self.input_candidates(self.train_data_dir)]
+        here = Path.cwd() / path
+        beside = (Path(self.config_dir) / path).absolute()
+        return [here] if _same(here, beside) else [here, beside]
+
+    def input_path(self, key: str, data: bool = False) -> Path:
+        """The configured input ``key`` found on disk, or an error naming every place tried."""
+        value = getattr(self, key)
+        tried = self.input_candidates(value, data)
+        for candidate in tried:
+            if candidate.exists():
+                return candidate
+        places = ", ".join(str(p) for p in tried)
+        raise InvalidOption(f"{key}: {value!r} does not exist (tried {places})")
 
     @property
     def output_path(self) -> Path:
-        return self.path(self.output_dir or f"runs/{self.name}")
+        return Path.cwd() / Path(self.output_dir or f"runs/{self.name}").expanduser()
+
+    @property
+    def publish_path(self) -> Path:
+        """The folder this run publishes into."""
+        return Path.cwd() / Path(self.publish_root).expanduser() / self.name
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
         data.pop("config_dir")
         data["target_modules"] = list(self.target_modules)
         return data
+
+
+def _lies_under(path: Path, folder: str) -> bool:
+    return Path(os.path.normpath(path)).is_relative_to(
+        Path(os.path.normpath(Path(folder).expanduser())))
+
+
+def _same(a: Path, b: Path) -> bool:
+    return os.path.normpath(a) == os.path.normpath(b)
+
+
+def _default_name(values: dict[str, Any], source: str) -> str:
+    """``dialect``, else the last part of ``output_dir``: never the config's folder."""
+    for key in ("dialect", "output_dir"):
+        value = values.get(key) or ""
+        name = Path(os.path.normpath(value)).name if key == "output_dir" else value
+        if name and name not in (".", ".."):
+            if not ADAPTER_NAME_RE.fullmatch(name):
+                raise InvalidOption(f"{source}: the adapter name would be {name[:40]!r} (from "
+                                    f"{key}), which is not an adapter name "
+                                    "([a-z0-9][a-z0-9_-]{0,63}); set name")
+            return name
+    raise InvalidOption(f"{source}: no adapter name: set name (or dialect, or output_dir, "
+                        "whose last part names the adapter)")
 
 
 def _coerce(key: str, value: Any, kind: Any) -> Any:
@@ -221,7 +275,8 @@ def config_from_dict(data: dict[str, Any], config_dir: Path, source: str = "conf
         values[key] = _coerce(key, value, hints[key])
     if "metadata_path" not in values:
         raise InvalidOption(f"{source}: metadata_path (the CSV or JSONL data file) is required")
-    values.setdefault("name", config_dir.resolve().name)
+    if not values.get("name"):
+        values["name"] = _default_name(values, source)
     try:
         return TrainConfig(config_dir=str(config_dir), **values)
     except InvalidOption as exc:

@@ -10,10 +10,11 @@ and the share of distinct outputs for:
 5. the adapter at its manifest's ``default_weight_scale``;
 6. each other shipped adapter on this test set (routing to the wrong dialect).
 
-Generation runs through the server's own engine (batched, greedy, ``max_new_tokens``
-48), so what is measured is what the server would answer; every output is cut at its
-first newline and stripped, for every row alike. ``--choose-scale`` first picks the
-``default_weight_scale`` with the best validation chrF and writes it to the manifest.
+Generation and scoring are ``trainer.scoring``'s, the same as the trainer's publish gate
+(the server's own engine, batched, greedy, ``max_new_tokens`` 48, every output cut at its
+first newline), so what is measured is what the server would answer. ``--choose-scale``
+first picks the ``default_weight_scale`` with the best validation chrF and writes it to
+the manifest.
 Results go to ``adapters/<name>/eval.json`` and the table in ``adapters/README.md``.
 
     python -m trainer.dialect_eval [--adapter wuyu] [--choose-scale]
@@ -29,17 +30,12 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from server.adapters.cache import AdapterCache
-from server.adapters.store import AdapterStore
 from server.basemodel import load_base_model
-from server.engine.config import EngineConfig
-from server.engine.engine import Engine
-from server.engine.request import GenerationRequest
-from server.engine.sampling import SamplingParams
 from server.formats.manifest import MANIFEST_FILE, read_manifest, write_manifest
 from server.formats.prompt import build_prompt, render_prompt
 from server.service.config import REPO_ROOT
-from trainer.data import Row, read_rows
+from trainer.rows import Row, read_rows
+from trainer.scoring import EngineGenerator, scores, sentence_chrf
 
 ROOT = REPO_ROOT / "adapters"
 MAX_NEW_TOKENS = 48
@@ -48,46 +44,11 @@ TABLE_BEGIN = "<!-- eval-table:begin -->"
 TABLE_END = "<!-- eval-table:end -->"
 
 
-def first_line(text: str) -> str:
-    return text.strip().split("\n", 1)[0].strip()
-
-
-def scores(outputs: list[str], references: list[str]) -> dict[str, float]:
-    import sacrebleu
-
-    return {"chrf": round(sacrebleu.corpus_chrf(outputs, [references]).score, 2),
-            "bleu": round(sacrebleu.corpus_bleu(outputs, [references]).score, 2),
-            "distinct": round(len(set(outputs)) / max(1, len(outputs)), 3)}
-
-
-def sentence_chrf(output: str, reference: str) -> float:
-    import sacrebleu
-
-    return float(sacrebleu.sentence_chrf(output, [reference]).score)
-
-
-class Generator:
-    """The server's engine and adapter cache over ``adapters/``, for batched greedy runs."""
-
-    def __init__(self) -> None:
-        base = load_base_model("default", dtype="float32")
-        self.tokenizer = base.tokenizer
-        self.engine = Engine(base.model, base.tokenizer, EngineConfig(
-            max_batch_size=16, max_model_len=1024, max_loras=4, max_lora_rank=64,
-            max_new_tokens_limit=MAX_NEW_TOKENS))
-        self.cache = AdapterCache(AdapterStore([ROOT]), self.engine.slots,
-                                  base.base_fingerprint)
-
-    def run(self, prompts: list[list[int]], adapter: str | None, scale: float) -> list[str]:
-        sampling = SamplingParams(max_new_tokens=MAX_NEW_TOKENS)
-        handles = [self.engine.submit(GenerationRequest(
-            ids, sampling, adapter=self.cache.lease(adapter) if adapter else None,
-            weight_scale=scale)) for ids in prompts]
-        return [first_line(h.result(timeout=3600).text) for h in handles]
-
-    def close(self) -> None:
-        self.engine.stop()
-        self.cache.close()
+def open_generator() -> EngineGenerator:
+    """The default base model, served by the engine over ``adapters/``."""
+    base = load_base_model("default", dtype="float32")
+    return EngineGenerator(base.model, base.tokenizer, base.base_fingerprint, [ROOT],
+                           MAX_NEW_TOKENS)
 
 
 def few_shot_prompt(template: str, shots: list[Row], text: str) -> str:
@@ -104,7 +65,7 @@ def best_constant(train: list[Row], references: list[str]) -> tuple[str, dict[st
     return best_label, best
 
 
-def choose_scale(gen: Generator, name: str) -> float:
+def choose_scale(gen: EngineGenerator, name: str) -> float:
     folder = ROOT / name
     manifest = read_manifest(folder / MANIFEST_FILE)
     val = read_rows(folder / "data" / "val.csv")
@@ -118,7 +79,7 @@ def choose_scale(gen: Generator, name: str) -> float:
     return best
 
 
-def evaluate(gen: Generator, name: str, others: list[str]) -> dict[str, Any]:
+def evaluate(gen: EngineGenerator, name: str, others: list[str]) -> dict[str, Any]:
     folder = ROOT / name
     manifest = read_manifest(folder / MANIFEST_FILE)
     template = manifest.prompt_template
@@ -231,7 +192,7 @@ def main(argv: list[str] | None = None) -> int:
         print("error: no adapter with a manifest and data/test.csv in adapters/",
               file=sys.stderr)
         return 2
-    gen = Generator()
+    gen = open_generator()
     try:
         if args.choose_scale:
             for name in names:

@@ -1,53 +1,41 @@
-"""End-of-run evaluation: greedy answers of the base model and of the adapter on the
-validation rows, scored with chrF and BLEU (sacrebleu), and the loss curve as a PNG."""
+"""End-of-run evaluation: validation chrF/BLEU of the base model and of the new adapter,
+through ``trainer.scoring`` (the server's engine, as ``make eval``), and the loss curve."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from peft import PeftModel
 
 from server.formats.prompt import build_prompt
-from trainer.data import Row
+from trainer.rows import Row
+from trainer.scoring import EngineGenerator, scores
 
 
-@dataclass(frozen=True)
-class Scores:
-    chrf: float
-    bleu: float
-    outputs: list[str]
+def validation_scores(model: torch.nn.Module, tokenizer: Any, base_fingerprint: str,
+                      adapter_dir: Path, rows: list[Row], template: str, max_new_tokens: int,
+                      max_lora_rank: int) -> dict[str, float]:
+    """``val_chrf_base``, ``val_chrf_adapter`` and their BLEU, for ``adapter_dir`` at scale 1.
 
-
-@torch.no_grad()
-def generate_answers(model: PeftModel, tokenizer: Any, rows: list[Row], template: str,
-                     max_new_tokens: int, use_adapter: bool) -> list[str]:
-    """Greedy answers, one row at a time (no padding effects), stopping at EOS."""
-    model.eval()
-    device = next(model.parameters()).device
-    answers = []
-    for row in rows:
-        ids = torch.tensor([build_prompt(template, row.text, tokenizer)], device=device)
-        kwargs = dict(max_new_tokens=max_new_tokens, do_sample=False,
-                      eos_token_id=tokenizer.eos_token_id,
-                      pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)
-        if use_adapter:
-            out = model.generate(input_ids=ids, **kwargs)
-        else:
-            with model.disable_adapter():
-                out = model.generate(input_ids=ids, **kwargs)
-        answers.append(tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip())
-    return answers
-
-
-def score(outputs: list[str], references: list[str]) -> Scores:
-    import sacrebleu
-
-    chrf = sacrebleu.corpus_chrf(outputs, [references]).score
-    bleu = sacrebleu.corpus_bleu(outputs, [references]).score
-    return Scores(round(chrf, 2), round(bleu, 2), outputs)
+    ``model`` is the plain base (no PEFT layers); the engine takes it over.
+    """
+    prompts = [build_prompt(template, row.text, tokenizer) for row in rows]
+    references = [row.label for row in rows]
+    longest = max(len(p) for p in prompts) + max_new_tokens
+    generator = EngineGenerator(model, tokenizer, base_fingerprint, [adapter_dir.parent],
+                                max_new_tokens, max_loras=1, max_lora_rank=max_lora_rank,
+                                max_model_len=longest)
+    metrics: dict[str, float] = {}
+    try:
+        for label, adapter in (("base", None), ("adapter", adapter_dir.name)):
+            result = scores(generator.run(prompts, adapter, 1.0 if adapter else 0.0),
+                            references)
+            metrics[f"val_chrf_{label}"] = result["chrf"]
+            metrics[f"val_bleu_{label}"] = result["bleu"]
+    finally:
+        generator.close()
+    return metrics
 
 
 def plot_losses(path: Path, train: list[tuple[int, float]], val: list[tuple[int, float]],

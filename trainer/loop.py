@@ -141,7 +141,8 @@ def load_checkpoint(folder: Path, model: PeftModel, optimizer: torch.optim.Optim
 
 
 def train_loop(config: TrainConfig, model: PeftModel, train: list[Example],
-               val: list[Example], pad_id: int, quiet: bool = False) -> LoopResult:
+               val: list[Example], pad_id: int, quiet: bool = False,
+               resume_from: Path | None = None) -> LoopResult:
     torch.manual_seed(config.seed)
     random.seed(config.seed)
     params = trainable(model)
@@ -151,8 +152,8 @@ def train_loop(config: TrainConfig, model: PeftModel, train: list[Example],
     total_steps = max(1, math.ceil(steps_per_epoch * config.epochs))
     scheduler = _scheduler(optimizer, total_steps, config.warmup_ratio)
     progress = Progress()
-    if config.resume_from:
-        progress = load_checkpoint(config.path(config.resume_from), model, optimizer, scheduler,
+    if resume_from is not None:
+        progress = load_checkpoint(resume_from, model, optimizer, scheduler,
                                    run_key(config, train))
     output = config.output_path
     best_dir = output / "best"

@@ -17,19 +17,17 @@ from server.basemodel import LoadedBaseModel, load_base_model
 from server.errors import InvalidOption
 from trainer.config import TrainConfig
 from trainer.data import IGNORE
+from trainer.plan import RunPlan
 
 
-def load_for_training(config: TrainConfig) -> tuple[LoadedBaseModel, PeftModel]:
-    source = config.base_model
-    if source != "default":
-        source = str(config.path(source))
-    base = load_base_model(source, device=config.device, dtype="float32",
+def load_for_training(config: TrainConfig, plan: RunPlan) -> tuple[LoadedBaseModel, PeftModel]:
+    base = load_base_model(plan.base_model, device=config.device, dtype="float32",
                            quantize=config.quantize)
     model = base.model
     for parameter in model.parameters():
         parameter.requires_grad_(False)
-    if config.init_from:
-        folder = config.path(config.init_from)
+    if plan.init_from is not None:
+        folder = plan.init_from
         if not (folder / "adapter_config.json").exists():
             raise InvalidOption(f"init_from: {folder} holds no adapter_config.json")
         peft_model = PeftModel.from_pretrained(model, folder, is_trainable=True)

@@ -1,13 +1,14 @@
-"""Publish a trained adapter into ``adapters/<name>/`` so a running server picks it up.
+"""Publish a trained adapter into ``<publish_root>/<name>/`` so a running server picks it up.
 
 Order matters (DESIGN.md decision 7): the two weight files are written to temporary
 names and moved into place with ``os.replace``, and the ``switchboard.json`` manifest,
 which records their digests, comes last; the server accepts a version only when the
 files match the manifest, so it never serves a half-written adapter.
 
-The gate: when an adapter of that name is already published with a validation chrF and
-the new one scores lower, nothing is replaced unless ``force``. The replaced version's
-files are kept in ``adapters/<name>/previous/`` for rollback.
+The gate: nothing is published, unless ``force``, when the new adapter's validation chrF
+is below the base model's (an adapter that makes the model worse), or when an adapter of
+that name is already published with a validation chrF and the new one scores lower. The
+replaced version's files are kept in ``<name>/previous/`` for rollback.
 """
 
 from __future__ import annotations
@@ -52,10 +53,15 @@ def _intact(folder: Path, manifest: AdapterManifest) -> bool:
     return True
 
 
-def gate(existing: AdapterManifest | None, new_chrf: float | None, force: bool
-         ) -> str | None:
+def gate(existing: AdapterManifest | None, new_chrf: float | None, force: bool,
+         base_chrf: float | None = None) -> str | None:
     """Why publishing is refused, or None."""
-    if force or existing is None:
+    if force:
+        return None
+    if new_chrf is not None and base_chrf is not None and new_chrf < base_chrf:
+        return (f"not published: validation chrF {new_chrf:.2f} is below the base model's "
+                f"{base_chrf:.2f} (use --force to publish anyway)")
+    if existing is None:
         return None
     old = existing.metrics.get("val_chrf")
     if old is not None and new_chrf is None:
@@ -101,16 +107,16 @@ def canonical_adapter_config(raw: bytes) -> bytes:
 
 
 def publish(config: TrainConfig, adapter_dir: Path, base_fingerprint: str,
-            metrics: dict[str, float], data_digest: str, root: Path,
+            metrics: dict[str, float], data_digest: str, target: Path,
             force: bool = False) -> PublishResult:
-    target = root / config.name
+    """Publish ``adapter_dir`` as ``target`` (``<publish_root>/<name>``) unless gated."""
     existing = None
     if (target / MANIFEST_FILE).exists():
         try:
             existing = read_manifest(target / MANIFEST_FILE)
         except ManifestError:
             existing = None  # an unreadable manifest protects nothing
-    refusal = gate(existing, metrics.get("val_chrf"), force)
+    refusal = gate(existing, metrics.get("val_chrf"), force, metrics.get("val_chrf_base"))
     if refusal is not None:
         return PublishResult(False, target, None, refusal)
     target.mkdir(parents=True, exist_ok=True)

@@ -14,12 +14,13 @@ from peft import set_peft_model_state_dict
 from safetensors.torch import load_file
 
 from server.errors import InvalidOption
-from server.service.config import REPO_ROOT
+from server.formats.manifest import ADAPTER_CONFIG_FILE
 from trainer.config import TrainConfig
-from trainer.data import data_digest, encode, read_rows, split
-from trainer.evaluate import generate_answers, plot_losses, score
+from trainer.data import encode
+from trainer.evaluate import plot_losses, validation_scores
 from trainer.loop import train_loop
 from trainer.model import load_for_training
+from trainer.plan import RunPlan, plan_run
 from trainer.publish import PublishResult, publish
 
 log = logging.getLogger("switchboard.trainer")
@@ -34,25 +35,17 @@ class RunResult:
     published: PublishResult | None
 
 
-def train(config: TrainConfig, *, do_publish: bool = True, force: bool = False,
+def train(config: TrainConfig, plan: RunPlan | None = None, *, force: bool = False,
           quiet: bool = False) -> RunResult:
+    """Train, evaluate and (when ``plan.publish_to`` is set) publish; see ``plan_run``."""
     started = time.perf_counter()
-    data_path = config.path(config.metadata_path, data=True)
-    rows = read_rows(data_path)
-    data_files = [data_path]
-    if config.val_path:
-        val_file = config.path(config.val_path, data=True)
-        train_rows, val_rows = rows, read_rows(val_file)
-        data_files.append(val_file)
-    else:
-        train_rows, val_rows = split(rows, config.val_split, config.seed)
-
+    plan = plan or plan_run(config, publish=False)
     torch.manual_seed(config.seed)  # LoRA initialisation is part of the seeded run
-    base, model = load_for_training(config)
+    base, model = load_for_training(config, plan)
     tokenizer = base.tokenizer
-    train_set = encode(train_rows, tokenizer, config.prompt_template, config.max_seq_length,
-                       config.mask_prompt)
-    val_set = encode(val_rows, tokenizer, config.prompt_template, config.max_seq_length,
+    train_set = encode(plan.train_rows, tokenizer, config.prompt_template,
+                       config.max_seq_length, config.mask_prompt)
+    val_set = encode(plan.val_rows, tokenizer, config.prompt_template, config.max_seq_length,
                      config.mask_prompt)
     dropped = train_set.dropped + val_set.dropped
     truncated = train_set.truncated + val_set.truncated
@@ -67,10 +60,11 @@ def train(config: TrainConfig, *, do_publish: bool = True, force: bool = False,
                             f"every training row ({dropped} dropped); raise it")
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else \
         tokenizer.eos_token_id
-    output = config.output_path
+    output = plan.output
     output.mkdir(parents=True, exist_ok=True)
 
-    result = train_loop(config, model, train_set.examples, val_set.examples, pad_id, quiet)
+    result = train_loop(config, model, train_set.examples, val_set.examples, pad_id, quiet,
+                        plan.resume_from)
     progress = result.progress
     adapter_dir = output / "adapter"
     if result.best_dir is not None:  # evaluate and publish the best checkpoint
@@ -91,29 +85,29 @@ def train(config: TrainConfig, *, do_publish: bool = True, force: bool = False,
         metrics["best_step"] = progress.best_step
     eval_rows = [e.row for e in val_set.examples][: config.eval_samples]
     if eval_rows:
-        references = [row.label for row in eval_rows]
-        for label, use_adapter in (("base", False), ("adapter", True)):
-            outputs = generate_answers(model, tokenizer, eval_rows, config.prompt_template,
-                                       config.eval_max_new_tokens, use_adapter)
-            scores = score(outputs, references)
-            metrics[f"val_chrf_{label}"] = scores.chrf
-            metrics[f"val_bleu_{label}"] = scores.bleu
+        # Training is over: the plain base goes to the engine that scores like make eval.
+        metrics.update(validation_scores(
+            model.unload(), tokenizer, base.base_fingerprint, adapter_dir, eval_rows,
+            config.prompt_template, config.eval_max_new_tokens, _adapter_rank(adapter_dir)))
         metrics["val_chrf"] = metrics["val_chrf_adapter"]
     (output / "metrics.json").write_text(json.dumps(metrics, indent=2))
     plot_losses(output / "loss.png", progress.train_losses, progress.val_losses,
                 f"{config.name}: {progress.step} steps")
     published = None
-    if do_publish:
-        root = config.path(config.adapters_root) if config.adapters_root else \
-            REPO_ROOT / "adapters"
-        digest = data_digest(data_files)
-        published = publish(config, adapter_dir, base.base_fingerprint, metrics, digest, root,
-                            force)
+    if plan.publish_to is not None:
+        published = publish(config, adapter_dir, base.base_fingerprint, metrics,
+                            plan.data_digest, plan.publish_to, force)
         if published.published:
             for name in ("metrics.json", "loss.png"):
                 (published.folder / name).write_bytes((output / name).read_bytes())
     metrics["total_seconds"] = round(time.perf_counter() - started, 2)
     return RunResult(metrics, adapter_dir, output, published)
+
+
+def _adapter_rank(folder: Path) -> int:
+    """The largest rank in a saved PEFT adapter (``r`` and any ``rank_pattern``)."""
+    config = json.loads((folder / ADAPTER_CONFIG_FILE).read_text())
+    return max([int(config["r"]), *(int(r) for r in (config.get("rank_pattern") or {}).values())])
 
 
 def summary_table(metrics: dict[str, Any]) -> str:
