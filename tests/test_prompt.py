@@ -38,14 +38,14 @@ def test_utterance_whitespace_is_stripped() -> None:
     assert render_prompt("Q: {text}\nA:", "  侬好 \n") == "Q: 侬好\nA:"
 
 
-def test_default_template_tokens(tokenizer) -> None:
-    ids = build_prompt(DEFAULT_PROMPT_TEMPLATE, " 侬今朝吃饭伐? ", tokenizer)
+def test_template_tokens(tokenizer) -> None:
+    template = "Translate Wu dialect to English: {text}\n"
+    ids = build_prompt(template, " 侬今朝吃饭伐? ", tokenizer)
     assert tokenizer.decode(ids) == "Translate Wu dialect to English: 侬今朝吃饭伐?\n"
     # SmolLM2 adds no BOS; the prompt is the rendered text and nothing else.
     assert ids[0] != tokenizer.bos_token_id
-    assert ids == tokenizer.encode(
-        render_prompt(DEFAULT_PROMPT_TEMPLATE, "侬今朝吃饭伐?"), add_special_tokens=False
-    )
+    assert ids == tokenizer.encode(render_prompt(template, "侬今朝吃饭伐?"),
+                                   add_special_tokens=False)
 
 
 def test_answer_ends_with_eos_and_follows_prompt(tokenizer) -> None:

@@ -112,3 +112,13 @@ def test_table_file_reloads_on_change_and_keeps_the_old_table_on_a_bad_edit(tmp_
     assert not watched.check()
     assert "not valid YAML" in (watched.last_error or "")
     assert watched.table.default == "plain"  # the previous table stays in force
+
+
+def test_a_table_without_a_template_gives_the_base_model_the_callers_words():
+    """No prompt_template: base calls get the utterance and a newline, not a Wu prompt."""
+    from server.formats.prompt import render_prompt
+    from trainer.config import TrainConfig
+
+    table = RoutingTable.from_dict({"default": "base"})
+    assert render_prompt(table.prompt_template, " 侬好 ") == "侬好\n"
+    assert TrainConfig(metadata_path="x.csv", name="x").prompt_template == table.prompt_template

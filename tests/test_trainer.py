@@ -54,6 +54,7 @@ def make_config(folder: Path, base: Path, **keys) -> Path:
     write_csv(folder / "val.csv", ROWS[:3])
     settings = {"name": folder.name, "metadata_path": "data.csv", "val_path": "val.csv",
                 "base_model": str(base),
+                "prompt_template": "Translate Wu dialect to English: {text}\n",
                 "target_modules": "all-linear", "lora_rank": 8, "lora_alpha": 16,
                 "dropout": 0.0, "batch_size": 4, "epochs": 60, "learning_rate": 1e-2,
                 "save_steps": 0, "eval_samples": 3, "eval_max_new_tokens": 12,

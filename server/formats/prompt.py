@@ -23,7 +23,9 @@ if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
 PLACEHOLDER = "{text}"
-DEFAULT_PROMPT_TEMPLATE = "Translate Wu dialect to English: {text}\n"
+# Neutral on purpose: the fallback for a routing table or a training config that sets no
+# template must not claim a dialect or a task (it is the caller's words and a newline).
+DEFAULT_PROMPT_TEMPLATE = "{text}\n"
 
 
 def validate_template(template: str) -> str:
