@@ -244,11 +244,20 @@ class AdapterCache:
 
     # -- slots (engine thread) ---------------------------------------------------------------
     def _acquire_slot(self, lease: AdapterLease) -> int | None:
+        """Pin a device slot holding the lease's adapter, copying it in on a miss.
+
+        The slot is chosen and pinned under the lock, and the copy runs after it is let
+        go: a cold slot load (tens of ms for a large adapter) must not block leases,
+        admin calls or gauges. The pin keeps every other thread off the slot meanwhile
+        (eviction, unload and reload free only unpinned slots), and only the engine
+        thread acquires, so no forward reads the slot before the copy is done.
+        """
         with self._lock:
             entry = lease._entry
             if lease._released:
                 raise InvalidRequest("adapter lease used after release")
-            if entry.slot is None:
+            cold = entry.slot is None
+            if cold:
                 slot = self._evictable_slot()
                 if slot is None:
                     return None  # every slot is pinned: wait
@@ -256,7 +265,6 @@ class AdapterCache:
                 if victim is not None:
                     victim.slot = None
                     self.stats.device_evictions += 1
-                self.slots.load(slot, entry.name, entry.validated.adapter)
                 entry.slot = slot
                 self._slot_owner[slot] = entry
                 self.stats.device_misses += 1
@@ -265,7 +273,17 @@ class AdapterCache:
             entry.slot_pins += 1
             entry.last_used = time.monotonic()
             lease._slot_held = True
-            return entry.slot
+            slot = entry.slot
+        if cold:
+            try:
+                self.slots.load(slot, entry.name, entry.validated.adapter)
+            except BaseException:
+                with self._lock:  # nothing usable is in the slot: give it back
+                    lease._slot_held = False
+                    entry.slot_pins -= 1
+                    self._free_slot(entry)
+                raise
+        return slot
 
     def _evictable_slot(self) -> int | None:
         free = [s for s, owner in enumerate(self._slot_owner) if owner is None]

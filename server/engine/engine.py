@@ -267,30 +267,39 @@ class Engine:
                 self._finish(row, reason)
 
     def _admit(self, now: float) -> None:
+        """Admit waiting rows, FCFS among the admissible ones.
+
+        The lock guards the queue only: a row's slot acquisition may copy an adapter into
+        a device slot, and ``submit`` must not wait for that. Only this thread removes
+        rows from the queue, so the snapshot stays valid while the lock is let go.
+        """
         with self._cond:
             self.admission_rounds += 1
-            for row in list(self._waiting):
-                if len(self._running) >= self.config.max_batch_size or not self.cache.free_rows:
-                    return
-                try:
-                    slot = self._acquire_slot(row)
-                except Exception as exc:  # a broken binding fails its own request only
+            waiting = list(self._waiting)
+        for row in waiting:
+            if len(self._running) >= self.config.max_batch_size or not self.cache.free_rows:
+                return
+            try:
+                slot = self._acquire_slot(row)
+            except Exception as exc:  # a broken binding fails its own request only
+                with self._cond:
                     self._waiting.remove(row)
-                    self._finish(row, FinishReason.ERROR, error=f"adapter: {exc}"[:300])
-                    continue
-                if slot is None:
-                    if now - row.submitted_at > self.config.aging_limit_s:
-                        return  # starvation guard: nobody passes a request this old
-                    continue
+                self._finish(row, FinishReason.ERROR, error=f"adapter: {exc}"[:300])
+                continue
+            if slot is None:
+                if now - row.submitted_at > self.config.aging_limit_s:
+                    return  # starvation guard: nobody passes a request this old
+                continue
+            with self._cond:
                 self._waiting.remove(row)
-                kv_row = self.cache.allocate()
-                assert kv_row is not None
-                request = row.request
-                row.kv_row, row.slot, row.admitted_at = kv_row, slot, now
-                row.detok = IncrementalDetokenizer(self.tokenizer, request.sampling.stop)
-                if not request.sampling.greedy:
-                    row.generator = make_generator(request.sampling.seed, self.device)
-                self._running.append(row)
+            kv_row = self.cache.allocate()
+            assert kv_row is not None
+            request = row.request
+            row.kv_row, row.slot, row.admitted_at = kv_row, slot, now
+            row.detok = IncrementalDetokenizer(self.tokenizer, request.sampling.stop)
+            if not request.sampling.greedy:
+                row.generator = make_generator(request.sampling.seed, self.device)
+            self._running.append(row)
 
     def _acquire_slot(self, row: _Row) -> int | None:
         adapter = row.request.adapter
@@ -393,6 +402,8 @@ class Engine:
             total_time_s=now - row.submitted_at,
             logits=row.logits if request.record_logits else None,
             error=error,
+            first_token_at=row.first_token_at,
+            finished_at=now,
         ))
 
     def _abort_all(self, message: str) -> None:

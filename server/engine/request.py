@@ -83,10 +83,17 @@ class GenerationResult:
     prompt_tokens: int
     completion_tokens: int
     queue_time_s: float
+    """Submission to admission into the batch."""
     time_to_first_token_s: float | None
+    """Submission to the first token (the engine's view; the service measures from receipt
+    with ``first_token_at``)."""
     total_time_s: float
     logits: list[torch.Tensor] | None = None
     error: str | None = None
+    first_token_at: float | None = None
+    """``time.monotonic()`` when the first token was chosen."""
+    finished_at: float = 0.0
+    """``time.monotonic()`` when the request ended."""
 
 
 Event = TokenChunk | GenerationResult

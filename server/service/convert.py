@@ -105,8 +105,7 @@ def parse_generate(request: pb.GenerateRequest, default_max_new_tokens: int,
 
 def generate_response(call: Call, dispatched: Dispatched,
                       result: GenerationResult) -> pb.GenerateResponse:
-    queue_ms = result.queue_time_s * 1000
-    ttft = result.time_to_first_token_s
+    timings = dispatched.timings(result)
     return pb.GenerateResponse(
         text=result.text,
         adapter=pb.AdapterRef(name=dispatched.adapter or "", version=dispatched.version),
@@ -120,9 +119,9 @@ def generate_response(call: Call, dispatched: Dispatched,
         prompt_template=dispatched.prompt_template,
         weight_scale=dispatched.weight_scale,
         request_id=call.request_id,
-        timings=pb.Timings(queue_ms=queue_ms,
-                           time_to_first_token_ms=ttft * 1000 if ttft is not None else 0.0,
-                           total_ms=result.total_time_s * 1000),
+        timings=pb.Timings(queue_ms=timings.queue_s * 1000,
+                           time_to_first_token_ms=(timings.ttft_s or 0.0) * 1000,
+                           total_ms=timings.total_s * 1000),
     )
 
 

@@ -15,7 +15,7 @@ from typing import Any
 
 from server.adapters.cache import AdapterCache, AdapterLease
 from server.engine.engine import Engine
-from server.engine.request import GenerationRequest, RequestHandle
+from server.engine.request import GenerationRequest, GenerationResult, RequestHandle
 from server.engine.sampling import SamplingParams
 from server.errors import (
     AdapterIncompatible,
@@ -59,6 +59,23 @@ class Call:
     request_id: str = ""
     deadline: float | None = None
     """``time.monotonic()`` by which the client stops waiting."""
+    received_at: float = field(default_factory=time.monotonic)
+    """When the service took the call: every latency it reports starts here."""
+
+
+@dataclass(frozen=True)
+class CallTimings:
+    """Where a call's time went, each part measured once, from receipt at the service."""
+
+    adapter_wait_s: float
+    """Receipt to the adapter leased (a cold load from disk is here, not in decoding)."""
+    queue_s: float
+    """Submission to admission into the batch (includes a slot copy's wait)."""
+    ttft_s: float | None
+    """Receipt to the first token."""
+    tpot_s: float | None
+    """Mean time per token after the first."""
+    total_s: float
 
 
 @dataclass
@@ -76,6 +93,17 @@ class Dispatched:
     weight_scale: float
     prompt_tokens: int
     received_at: float
+    adapter_wait_s: float
+
+    def timings(self, result: GenerationResult) -> CallTimings:
+        first = result.first_token_at
+        tokens = result.completion_tokens
+        return CallTimings(
+            adapter_wait_s=self.adapter_wait_s, queue_s=result.queue_time_s,
+            ttft_s=None if first is None else first - self.received_at,
+            tpot_s=(result.finished_at - first) / (tokens - 1)
+            if first is not None and tokens > 1 else None,
+            total_s=result.finished_at - self.received_at)
 
 
 class Dispatcher:
@@ -90,10 +118,10 @@ class Dispatcher:
 
     async def start(self, call: Call) -> Dispatched:
         """Route, lease the adapter, build the prompt and submit; raise a domain error."""
-        received = time.monotonic()
         table: RoutingTable = self.routing.table
         decision = table.route(call.dialect, call.caller_number, call.region)
         lease, fallback_reason, decision = await self._lease(decision, table)
+        leased_at = time.monotonic()
         try:
             manifest = lease.manifest if lease is not None else None
             prompt_ids, source, template = self._prompt(call, manifest, table)
@@ -116,7 +144,8 @@ class Dispatcher:
             version=lease.version if lease else "", route=decision.route,
             route_detail=decision.detail, fallback_reason=fallback_reason,
             template_source=source, prompt_template=template, weight_scale=scale,
-            prompt_tokens=len(prompt_ids), received_at=received,
+            prompt_tokens=len(prompt_ids), received_at=call.received_at,
+            adapter_wait_s=leased_at - call.received_at,
         )
 
     async def _lease(self, decision: RouteDecision, table: RoutingTable

@@ -10,11 +10,14 @@ and the adapter cache at scrape time (one source of truth, no double bookkeeping
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
+
+if TYPE_CHECKING:
+    from server.service.dispatch import CallTimings
 
 BASE_LABEL = "(base)"
 NO_ADAPTER_LABEL = "(none)"
@@ -81,11 +84,18 @@ class ServiceMetrics:
                                  ["adapter", "route", "status"], buckets=_LATENCY_BUCKETS,
                                  registry=r)
         self.ttft = Histogram("switchboard_time_to_first_token_seconds",
-                              "Arrival to first generated token", ["adapter"],
-                              buckets=_LATENCY_BUCKETS, registry=r)
+                              "Receipt at the service to the first generated token",
+                              ["adapter"], buckets=_LATENCY_BUCKETS, registry=r)
         self.tpot = Histogram("switchboard_time_per_output_token_seconds",
-                              "Mean time per generated token after the first", ["adapter"],
-                              buckets=_TOKEN_BUCKETS, registry=r)
+                              "Mean time per generated token after the first (first token "
+                              "to the last)", ["adapter"], buckets=_TOKEN_BUCKETS, registry=r)
+        self.adapter_wait = Histogram("switchboard_adapter_wait_seconds",
+                                      "Receipt to the call's adapter leased (a cold load "
+                                      "from disk shows here)", ["adapter"],
+                                      buckets=_LATENCY_BUCKETS, registry=r)
+        self.queue = Histogram("switchboard_queue_seconds",
+                               "Submission to admission into the running batch", ["adapter"],
+                               buckets=_LATENCY_BUCKETS, registry=r)
         self.tokens = Counter("switchboard_generated_tokens", "Tokens generated",
                               ["adapter"], registry=r)
         self.adapter_load = Histogram("switchboard_adapter_load_seconds",
@@ -101,15 +111,20 @@ class ServiceMetrics:
         cache.on_load = lambda _name, seconds: self.adapter_load.observe(seconds)
 
     def observe_call(self, adapter: str, route: str, status: str, seconds: float,
-                     ttft_s: float | None = None, tokens: int = 0) -> None:
+                     timings: CallTimings | None = None, tokens: int = 0) -> None:
+        """One finished call; ``timings`` when the engine ran it (see ``CallTimings``)."""
         self.requests.labels(adapter, route, status).inc()
         self.latency.labels(adapter, route, status).observe(seconds)
         if tokens:
             self.tokens.labels(adapter).inc(tokens)
-        if ttft_s is not None:
-            self.ttft.labels(adapter).observe(ttft_s)
-            if tokens > 1:
-                self.tpot.labels(adapter).observe(max(0.0, seconds - ttft_s) / (tokens - 1))
+        if timings is None:
+            return
+        self.adapter_wait.labels(adapter).observe(timings.adapter_wait_s)
+        self.queue.labels(adapter).observe(timings.queue_s)
+        if timings.ttft_s is not None:
+            self.ttft.labels(adapter).observe(timings.ttft_s)
+        if timings.tpot_s is not None:
+            self.tpot.labels(adapter).observe(timings.tpot_s)
 
     def serve(self, host: str, port: int) -> int:
         """Start the HTTP endpoint; return the port it listens on."""

@@ -211,7 +211,7 @@ class SwitchboardServicer(pb_grpc.SwitchboardServicer):
         status = outcome.status.name
         self.metrics.observe_call(
             adapter, route, status, seconds,
-            ttft_s=result.time_to_first_token_s if result else None,
+            timings=dispatched.timings(result) if dispatched and result else None,
             tokens=result.completion_tokens if result else 0)
         fields: dict[str, Any] = {
             "request_id": call.request_id if call else "-", "status": status,
