@@ -28,7 +28,7 @@ from server.engine.config import EngineConfig
 from server.engine.engine import Engine
 from server.engine.request import GenerationRequest
 from server.engine.sampling import SamplingParams
-from tests.lora_helpers import ALL_TARGETS, make_random_adapter
+from tests.support import ALL_TARGETS, make_random_adapter
 
 LOAD_SAMPLES = 4  # adapters per rank; each loaded cold 3 times
 REQUESTS = 96

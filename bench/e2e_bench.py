@@ -36,9 +36,7 @@ from server.engine.request import GenerationRequest
 from server.engine.sampling import SamplingParams
 from server.formats.prompt import build_prompt
 from server.service.config import REPO_ROOT, load_config
-from tests.adapter_fixtures import add_manifest
-from tests.lora_helpers import make_random_adapter
-from tests.service_fixtures import spawn_server
+from tests.support import add_manifest, make_random_adapter, spawn_server
 
 CONCURRENCY = 32
 REQUESTS = 96

@@ -35,7 +35,7 @@ from server.engine.engine import Engine
 from server.engine.peft_adapter import read_peft_adapter
 from server.engine.request import GenerationRequest
 from server.engine.sampling import SamplingParams
-from tests.lora_helpers import ALL_TARGETS, make_random_adapter
+from tests.support import ALL_TARGETS, make_random_adapter
 
 QV_TARGETS = ("q_proj", "v_proj")
 NUM_REQUESTS = 16
@@ -91,7 +91,7 @@ def run_engine(engine: Engine, prompts: list[list[int]], use_adapters: bool) -> 
 
 def load_slots(engine: Engine, paths: list[Path]) -> None:
     for slot, path in enumerate(paths):
-        engine.slots.load(slot, path.name, read_peft_adapter(path))
+        engine.slots.load(slot, read_peft_adapter(path))
 
 
 def combine(runs: list[dict]) -> dict:

@@ -53,9 +53,14 @@ from clients.loadtest import DEFAULT_UTTERANCES
 from protos.switchboard.v1 import switchboard_pb2 as pb
 from protos.switchboard.v1 import switchboard_pb2_grpc as pb_grpc
 from server.service.config import REPO_ROOT
-from tests.adapter_fixtures import add_manifest, publish
-from tests.lora_helpers import ALL_TARGETS, make_random_adapter
-from tests.service_fixtures import spawn_server
+from tests.support import (
+    ALL_TARGETS,
+    add_manifest,
+    make_random_adapter,
+    malformed_requests,
+    publish,
+    spawn_server,
+)
 
 OK = "OK"
 ALLOWED: dict[str, frozenset[str]] = {
@@ -113,40 +118,6 @@ VALID_ROUTES: tuple[dict[str, Any], ...] = (
     {}, {"region": "US-CA"}, {"caller_number": "+861066668888"},  # the last: fallback
 )
 LONG_PROMPT = "Once upon a time, in a small village by the sea, there lived"
-
-
-def _malformed() -> list[tuple[str, pb.GenerateRequest, str]]:
-    """(what is wrong, the request, its one allowed status)."""
-    bad = "INVALID_ARGUMENT"
-    return [
-        ("empty text", pb.GenerateRequest(text=" "), bad),
-        ("empty prompt", pb.GenerateRequest(prompt=""), bad),
-        ("empty message", pb.GenerateRequest(messages=[pb.ChatMessage(role="user")]), bad),
-        ("65 messages", pb.GenerateRequest(
-            messages=[pb.ChatMessage(role="user", content="hi")] * 65), bad),
-        ("max_new_tokens 0", pb.GenerateRequest(text="侬好", max_new_tokens=0), bad),
-        ("top_k -1", pb.GenerateRequest(text="侬好", top_k=-1), bad),
-        ("repetition_penalty 0", pb.GenerateRequest(text="侬好", repetition_penalty=0.0), bad),
-        ("empty stop string", pb.GenerateRequest(text="侬好", stop=[""]), bad),
-        ("300-byte stop string", pb.GenerateRequest(text="侬好", stop=["x" * 300]), bad),
-        ("text and prompt", pb.GenerateRequest(text="a", prompt="b"), bad),
-        ("no input", pb.GenerateRequest(dialect="wuyu"), bad),
-        ("dialect ../x", pb.GenerateRequest(text="侬好", dialect="../x"), bad),
-        ("dialect with NUL", pb.GenerateRequest(text="侬好", dialect="wu\0yu"), bad),
-        ("unknown dialect", pb.GenerateRequest(text="侬好", dialect="klingon"), "NOT_FOUND"),
-        ("negative scale", pb.GenerateRequest(text="侬好", weight_scale=-1.0), bad),
-        ("scale over limit", pb.GenerateRequest(text="侬好", weight_scale=100.0), bad),
-        ("max_new_tokens 1e9", pb.GenerateRequest(text="侬好", max_new_tokens=10**9), bad),
-        ("temperature -1", pb.GenerateRequest(text="侬好", temperature=-1.0), bad),
-        ("top_p 0", pb.GenerateRequest(text="侬好", top_p=0.0), bad),
-        ("64 stop strings", pb.GenerateRequest(text="侬好", stop=[f"s{i}" for i in range(64)]),
-         bad),
-        ("bad role", pb.GenerateRequest(messages=[pb.ChatMessage(role="robot", content="hi")]),
-         bad),
-        ("bad request id", pb.GenerateRequest(text="侬好", request_id="bad id!"), bad),
-        ("prompt over max_model_len",
-         pb.GenerateRequest(prompt="word " * 600, max_new_tokens=8), bad),
-    ]
 
 
 # -- bookkeeping ---------------------------------------------------------------------------
@@ -276,7 +247,7 @@ class Soak:
     async def mixed_worker(self, index: int) -> None:
         """Valid calls; every 20th call of these workers (5%) is a malformed one."""
         rng = random.Random(self.seed * 1000 + index)
-        cases = _malformed()
+        cases = malformed_requests()
 
         async def one_call() -> None:
             self.mixed_calls += 1

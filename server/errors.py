@@ -1,8 +1,8 @@
 """Domain errors, defined once for the whole product.
 
 Every error carries a one-line message that names the problem; the CLI prints it as
-``error: <message>`` and the gRPC service (a later layer) maps each class to one status
-code in one place. Messages never quote more than a short slice of user input.
+``error: <message>`` and the gRPC service maps each class to one status code in one
+place (``server/service/status.py``). Messages never quote more than a short slice of user input.
 """
 
 from __future__ import annotations

@@ -3,22 +3,17 @@
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 from server.adapters.cache import AdapterCache
 from server.adapters.store import AdapterStore
+from server.adapters.watcher import AdapterWatcher
 from server.basemodel import LoadedBaseModel, load_base_model
 from server.engine.config import EngineConfig
 from server.engine.engine import Engine
 from server.formats.manifest import (
     ADAPTER_CONFIG_FILE,
-    ADAPTER_WEIGHTS_FILE,
-    AdapterManifest,
-    weight_file_digests,
-    write_manifest,
 )
 
 
@@ -29,6 +24,7 @@ class Served:
     store: AdapterStore
     cache: AdapterCache
     root: Path
+    watcher: AdapterWatcher
 
     def close(self) -> None:
         self.cache.close()
@@ -45,28 +41,7 @@ def serve(base: str | Path, root: Path, max_loras: int = 4, max_cpu_adapters: in
     store = AdapterStore([root])
     cache = AdapterCache(store, engine.slots, loaded.base_fingerprint,
                          max_cpu_adapters=max_cpu_adapters)
-    return Served(loaded, engine, store, cache, root)
-
-
-def add_manifest(folder: Path, fingerprint: str, name: str | None = None, **fields) -> None:
-    fields.setdefault("prompt_template", "Translate: {text}\n")
-    manifest = AdapterManifest(
-        name=name or folder.name, base_fingerprint=fingerprint,
-        files=weight_file_digests(folder), **fields,
-    )
-    write_manifest(folder, manifest)
-
-
-def publish(source: Path, target: Path, fingerprint: str | None) -> None:
-    """Publish like the trainer: weight files by temp file + os.replace, manifest last."""
-    target.mkdir(parents=True, exist_ok=True)
-    for name in (ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE):
-        fd, tmp = tempfile.mkstemp(dir=target, prefix=f".{name}.")
-        with os.fdopen(fd, "wb") as handle:
-            handle.write((source / name).read_bytes())
-        os.replace(tmp, target / name)
-    if fingerprint is not None:
-        add_manifest(target, fingerprint)
+    return Served(loaded, engine, store, cache, root, AdapterWatcher(cache))
 
 
 def edit_config(folder: Path, **changes) -> None:

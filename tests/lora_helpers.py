@@ -11,11 +11,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from peft import LoraConfig, PeftModel, get_peft_model
+from peft import PeftModel
 from peft.tuners.lora import LoraLayer
-from transformers import AutoModelForCausalLM
 
-ALL_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 MARGIN = 1e-3
 
 
@@ -36,36 +34,7 @@ def assert_same_greedy(reference: Sequence[int], margins: Sequence[float],
     return False
 
 
-def make_random_adapter(
-    base: torch.nn.Module | str | Path,
-    out_dir: Path,
-    rank: int,
-    targets: Sequence[str],
-    seed: int,
-    b_std: float = 0.02,
-    alpha: float | None = None,
-    use_rslora: bool = False,
-    **config_overrides: object,
-) -> Path:
-    """Save a PEFT LoRA adapter whose A and B are both random (so it changes outputs)."""
-    model = (
-        AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
-        if isinstance(base, str | Path) else base
-    )
-    config = LoraConfig(
-        r=rank, lora_alpha=alpha if alpha is not None else 2 * rank, lora_dropout=0.0,
-        target_modules=list(targets), init_lora_weights=False, use_rslora=use_rslora,
-        **config_overrides,
-    )
-    torch.manual_seed(seed)
-    peft_model = get_peft_model(model, config)
-    with torch.no_grad():
-        for name, param in peft_model.named_parameters():
-            if "lora_B" in name:
-                param.normal_(0.0, b_std)
-    peft_model.save_pretrained(out_dir)
-    peft_model.unload()  # restore the base modules if the caller passed a model object
-    return out_dir
+
 
 
 @dataclass(frozen=True)

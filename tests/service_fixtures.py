@@ -9,22 +9,22 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
-import subprocess
-import sys
 import threading
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
 import grpc
 
 from protos.switchboard.v1 import switchboard_pb2_grpc as pb_grpc
 from server.engine.config import EngineConfig
 from server.service.app import SwitchboardServer
-from server.service.config import REPO_ROOT, ServerConfig
-from tests.adapter_fixtures import add_manifest
-from tests.lora_helpers import ALL_TARGETS, make_random_adapter
+from server.service.config import ServerConfig
+from tests.support import (
+    ALL_TARGETS,
+    add_manifest,
+    make_random_adapter,
+)
 
 WUYU_TEMPLATE = "Translate Wu dialect to English: {text}\n"
 CANTONESE_TEMPLATE = "Translate Cantonese to English: {text}\n"
@@ -105,6 +105,10 @@ class LiveServer:
     def cache(self) -> Any:
         return self.server.cache
 
+    @property
+    def watcher(self) -> Any:
+        return self.server.watcher
+
     def channel(self, **options: Any) -> grpc.Channel:
         channel = grpc.insecure_channel(self.address, options=list(options.items()))
         self.channels.append(channel)
@@ -154,36 +158,3 @@ def start_server(config: ServerConfig, timeout: float = 180.0) -> LiveServer:
         thread.join(30)
         raise holder["error"]
     return LiveServer(holder["server"], loop, thread)
-
-
-class SpawnedServer(NamedTuple):
-    process: subprocess.Popen
-    address: str
-    metrics_url: str
-    """Empty when the server exports no metrics (``--metrics-port -1``)."""
-
-
-def spawn_server(args: list[str], log_path: Path, timeout: float = 300.0) -> SpawnedServer:
-    """`switchboard serve ARGS` as a process; returns it and its addresses once serving."""
-    process = subprocess.Popen(
-        [sys.executable, "-m", "clients.cli", "serve", *args], cwd=REPO_ROOT,
-        env=dict(os.environ, HF_HUB_OFFLINE="1"), stdout=subprocess.PIPE,
-        stderr=log_path.open("w"), text=True)
-    serving: list[str] = []
-
-    def read() -> None:
-        assert process.stdout is not None
-        for line in process.stdout:
-            if "serving on" in line:
-                serving.append(line.strip())
-                return
-
-    reader = threading.Thread(target=read, daemon=True)
-    reader.start()
-    reader.join(timeout)
-    if not serving:
-        process.kill()
-        raise AssertionError("server did not start:\n" + log_path.read_text()[-3000:])
-    # "switchboard: serving on HOST:PORT[, metrics on URL]"
-    address, _, metrics = serving[0].split("serving on ")[1].partition(", metrics on ")
-    return SpawnedServer(process, address.strip(), metrics.strip())

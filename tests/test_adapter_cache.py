@@ -17,15 +17,10 @@ from server.engine.request import GenerationRequest, GenerationResult
 from server.engine.sampling import SamplingParams
 from server.errors import AdapterCorrupt, AdapterNotFound
 from server.formats.manifest import ADAPTER_WEIGHTS_FILE
-from tests.adapter_fixtures import add_manifest, publish, serve
-from tests.lora_helpers import (
-    ALL_TARGETS,
-    OracleRun,
-    PeftOracle,
-    assert_same_greedy,
-    make_random_adapter,
-)
+from tests.adapter_fixtures import serve
+from tests.lora_helpers import OracleRun, PeftOracle, assert_same_greedy
 from tests.polling import wait_for
+from tests.support import ALL_TARGETS, add_manifest, make_random_adapter, publish
 
 
 def assert_matches_reference(reference: OracleRun, result: GenerationResult) -> None:
@@ -279,7 +274,7 @@ def test_hot_reload_in_flight_finish_on_old_new_get_new(
         wait_for(lambda: served.cache.usage()["slot_pins"] == 8)
 
         publish(library["a07"], root / "hot", fingerprint)  # new weights, manifest last
-        served.cache.poll_now()
+        served.watcher.poll_now()
         wait_for(lambda: served.cache.info("hot").version != old_version.version)
         assert not all(h.done.is_set() for h in in_flight)  # swapped while decoding
 
@@ -310,9 +305,9 @@ def test_folder_without_manifest_is_taken_once_stable(tiny_model_dir, library, t
         first.release()
         shutil.copy(library["a08"] / ADAPTER_WEIGHTS_FILE, root / "a04" / ADAPTER_WEIGHTS_FILE)
         shutil.copy(library["a08"] / "adapter_config.json", root / "a04" / "adapter_config.json")
-        served.cache.poll_now()  # changed since the last poll: maybe still being written
+        served.watcher.poll_now()  # changed since the last poll: maybe still being written
         assert served.cache.stats.loads == 1
-        served.cache.poll_now()  # unchanged across two polls: accepted
+        served.watcher.poll_now()  # unchanged across two polls: accepted
         wait_for(lambda: served.cache.info("a04").version not in (None, first.version))
     finally:
         served.close()
@@ -338,7 +333,7 @@ def test_failed_reload_keeps_the_old_version(tiny_model_dir, library, tmp_path, 
         result = served.engine.generate(GenerationRequest(
             _prompts(tokenizer)[0], SamplingParams(max_new_tokens=3), adapter=lease), 60)
         assert result.completion_tokens == 3
-        served.cache.poll_now()  # the same broken files are not retried on every poll
+        served.watcher.poll_now()  # the same broken files are not retried on every poll
         assert served.cache.stats.load_failures == 1
     finally:
         served.close()
@@ -353,7 +348,7 @@ def test_removed_folder_retires_the_adapter(tiny_model_dir, library, tmp_path, t
             adapter=served.cache.lease("a06")))
         wait_for(lambda: served.cache.usage()["slot_pins"] == 1)
         shutil.rmtree(root / "a06")
-        served.cache.poll_now()
+        served.watcher.poll_now()
         with pytest.raises(AdapterNotFound, match="no adapter named 'a06'"):
             served.cache.lease("a06")
         assert running.result(60).completion_tokens == 30  # in flight: finished
@@ -381,17 +376,22 @@ def test_unload_then_next_use_loads_again(tiny_model_dir, library, tmp_path):
         served.close()
 
 
-def test_background_polling_picks_up_a_publish(tiny_model_dir, library, tmp_path):
+def test_the_servers_poller_picks_up_a_publish(tiny_model_dir, library, tmp_path):
+    from tests.service_fixtures import server_config, start_server
+
     root = tmp_path / "adapters"
     root.mkdir()
-    served = serve(tiny_model_dir, root)
-    publish(library["a12"], root / "live", served.loaded.base_fingerprint)
+    fingerprint = load_base_model(tiny_model_dir).base_fingerprint
+    publish(library["a12"], root / "live", fingerprint)
+    routing = tmp_path / "routing.yaml"
+    routing.write_text("default: base\n")
+    server = start_server(server_config(tiny_model_dir, root, routing, metrics_port=-1,
+                                        poll_interval_s=0.05))
     try:
-        first = served.cache.lease("live")
-        first.release()
-        served.cache.start_polling(interval_s=0.05)
-        publish(library["a13"], root / "live", served.loaded.base_fingerprint)
-        wait_for(lambda: served.cache.info("live").version not in (None, first.version))
-        assert served.cache.info("live").previous_version == first.version
+        first = server.cache.info("live").version
+        assert first is not None
+        publish(library["a13"], root / "live", fingerprint)
+        wait_for(lambda: server.cache.info("live").version not in (None, first))
+        assert server.cache.info("live").previous_version == first
     finally:
-        served.close()
+        server.stop()

@@ -31,8 +31,8 @@ from server.errors import (
     ManifestError,
 )
 from server.formats.manifest import ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE, MANIFEST_FILE
-from tests.adapter_fixtures import add_manifest, edit_config, serve
-from tests.lora_helpers import ALL_TARGETS, make_random_adapter
+from tests.adapter_fixtures import edit_config, serve
+from tests.support import ALL_TARGETS, add_manifest, make_random_adapter
 
 WEIGHTS = ADAPTER_WEIGHTS_FILE
 
@@ -196,7 +196,7 @@ def test_other_files_in_the_folder_are_ignored(served) -> None:
     first.release()
     (served.root / "good" / "train.yaml").write_text("epochs: 3\n")
     (served.root / "good" / "data.csv").write_text("text,label\n")
-    served.cache.poll_now()
+    served.watcher.poll_now()
     again = served.cache.lease("good")
     assert again.version == first.version
     again.release()

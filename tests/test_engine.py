@@ -20,8 +20,9 @@ from server.engine.peft_adapter import read_peft_adapter
 from server.engine.request import FinishReason, GenerationRequest, GenerationResult, TokenChunk
 from server.engine.sampling import SamplingParams
 from server.errors import EngineFault, EngineStopped, InvalidOption, InvalidRequest, QueueFull
-from tests.lora_helpers import ALL_TARGETS, assert_same_greedy, make_random_adapter, top2_margins
+from tests.lora_helpers import assert_same_greedy, top2_margins
 from tests.polling import wait_for
+from tests.support import ALL_TARGETS, make_random_adapter
 
 
 @pytest.fixture(scope="module")
@@ -46,7 +47,7 @@ def make_engine(tiny_model_dir: Path, tiny_adapters: list[Path]):
         loaded = load_base_model(tiny_model_dir, dtype="float32")
         engine = Engine(loaded.model, loaded.tokenizer, EngineConfig(**settings), start=start)
         for slot, path in enumerate(tiny_adapters):
-            engine.slots.load(slot, path.name, read_peft_adapter(path))
+            engine.slots.load(slot, read_peft_adapter(path))
         engines.append(engine)
         return engine
 

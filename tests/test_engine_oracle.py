@@ -20,7 +20,8 @@ from server.engine.engine import Engine
 from server.engine.peft_adapter import read_peft_adapter
 from server.engine.request import GenerationRequest
 from server.engine.sampling import SamplingParams
-from tests.lora_helpers import ALL_TARGETS, PeftOracle, assert_same_greedy, make_random_adapter
+from tests.lora_helpers import PeftOracle, assert_same_greedy
+from tests.support import ALL_TARGETS, make_random_adapter
 
 ADAPTER_SPECS = {  # name: (rank, targets)
     "r4_qv": (4, ("q_proj", "v_proj")),
@@ -80,7 +81,7 @@ def run_oracle(
     try:
         slot_of = {}
         for slot, (name, path) in enumerate(adapters.items()):
-            engine.slots.load(slot, name, read_peft_adapter(path))
+            engine.slots.load(slot, read_peft_adapter(path))
             slot_of[name] = slot
 
         def request(case_index: int, forced: list[int] | None) -> GenerationRequest:

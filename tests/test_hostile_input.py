@@ -16,9 +16,8 @@ import pytest
 
 from protos.switchboard.v1 import switchboard_pb2 as pb
 from server.formats.manifest import ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE
-from tests.adapter_fixtures import add_manifest, publish
-from tests.lora_helpers import make_random_adapter
 from tests.service_fixtures import ROUTING_YAML, server_config, start_server
+from tests.support import add_manifest, make_random_adapter, publish
 
 UTTERANCE = "侬今朝吃饭伐?"
 LONG_NAME = "a" * 10_000
@@ -186,10 +185,10 @@ def test_message_over_the_size_limit_is_resource_exhausted(hostile):
 
 def test_the_soak_malformed_cases_get_their_one_allowed_status(live_server):
     """The soak (bench/soak.py) counts these as disallowed unless each gets its status."""
-    from bench.soak import _malformed
+    from tests.support import malformed_requests
 
     stub = live_server.stub()
-    for what, request, expected in _malformed():
+    for what, request, expected in malformed_requests():
         for call in (stub.Generate, stub.GenerateStream):
             got, details = outcome(call, request)
             assert got.name == expected, (what, got, details[:200])

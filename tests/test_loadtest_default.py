@@ -1,7 +1,8 @@
 """The load generator against the default server (`switchboard serve` with the shipped
 settings, default model), 200 requests at concurrency 16 over a wuyu/cantonese/base mix,
-zero errors. Until the dialect adapters ship (adapters/ holds none yet), the test serves
-random rank-8 adapters of those names from a temporary root. Slow tier."""
+zero errors. The test serves random rank-8 adapters of those names from a temporary root,
+so that what it measures does not change when the shipped adapters are retrained. Slow
+tier."""
 
 from __future__ import annotations
 
@@ -13,9 +14,7 @@ import sys
 import pytest
 
 from server.service.config import REPO_ROOT
-from tests.adapter_fixtures import add_manifest
-from tests.lora_helpers import make_random_adapter
-from tests.service_fixtures import spawn_server
+from tests.support import add_manifest, make_random_adapter, spawn_server
 
 
 @pytest.mark.slow

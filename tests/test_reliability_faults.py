@@ -21,10 +21,9 @@ from protos.switchboard.v1 import switchboard_pb2 as pb
 from protos.switchboard.v1 import switchboard_pb2_grpc as pb_grpc
 from server.engine.config import EngineConfig
 from server.formats.manifest import ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE
-from tests.adapter_fixtures import add_manifest, publish
-from tests.lora_helpers import ALL_TARGETS, make_random_adapter
 from tests.polling import wait_for
-from tests.service_fixtures import ROUTING_YAML, server_config, spawn_server, start_server
+from tests.service_fixtures import ROUTING_YAML, server_config, start_server
+from tests.support import ALL_TARGETS, add_manifest, make_random_adapter, publish, spawn_server
 
 UTTERANCE = "侬今朝吃饭伐?"
 NAMES = ("steady", "other", "victim", "evicted", "reloadable")

@@ -233,12 +233,12 @@ def test_retired_adapter_is_not_found(live_server, service_library):
     folder = root / "retiree"
     shutil.copytree(library["plain"], folder)
     try:
-        live_server.cache.poll_now()
+        live_server.watcher.poll_now()
         stub = live_server.stub()
         assert stub.Generate(request(dialect="retiree"), timeout=30).adapter.name == "retiree"
     finally:
         shutil.rmtree(folder)
-    live_server.cache.poll_now()
+    live_server.watcher.poll_now()
     error = rpc_error(stub.Generate, request(dialect="retiree"), timeout=30)
     assert error.code() == grpc.StatusCode.NOT_FOUND
 

@@ -12,7 +12,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from protos.switchboard.v1 import switchboard_pb2 as pb
 from protos.switchboard.v1 import switchboard_pb2_grpc as pb_grpc
-from tests.service_fixtures import spawn_server
+from tests.support import spawn_server
 
 CONFIG = """
 port: 0

@@ -18,13 +18,13 @@ import time
 import urllib.request
 from pathlib import Path
 
+import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from protos.switchboard.v1 import switchboard_pb2 as pb
 from server.engine.config import EngineConfig
-from tests.adapter_fixtures import add_manifest
-from tests.lora_helpers import ALL_TARGETS, make_random_adapter
 from tests.service_fixtures import server_config, start_server
+from tests.support import ALL_TARGETS, add_manifest, make_random_adapter
 
 CALLERS = """
 import json, sys, threading, time
@@ -104,6 +104,7 @@ def test_a_cold_load_shows_in_ttft_and_adapter_wait_not_in_tpot(tmp_path, tiny_m
         server.stop()
 
 
+@pytest.mark.slow  # the default model and eight 78 MB adapters: ~15 s
 def test_cold_slot_loads_do_not_stall_the_event_loop(tmp_path, tmp_path_factory):
     """Eight rank-64 adapters on all seven targets of the default model (~78 MB each)
     copied into device slots while a 1 ms heartbeat runs on the server's loop and a

@@ -258,7 +258,7 @@ def test_a_running_server_picks_up_a_published_adapter(tmp_path, trainable_tiny_
     try:
         path = make_config(tmp_path / "fresh", trainable_tiny_dir, eval_samples=0)
         assert cli(["train", "--config", str(path), "--quiet"]) == 0
-        server.cache.poll_now()  # what the server's poller does every poll_interval_s
+        server.watcher.poll_now()  # what the server's poller does every poll_interval_s
         text, label = ROWS[1]
         reply = server.stub().Generate(pb.GenerateRequest(text=text, dialect="fresh",
                                                           max_new_tokens=12), timeout=30)

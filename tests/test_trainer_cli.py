@@ -146,17 +146,23 @@ def test_config_and_data_are_checked_before_torch_is_imported(tmp_path, trainabl
 
 def test_an_adapter_worse_than_the_base_model_is_not_published(tmp_path, trainable_tiny_dir,
                                                                monkeypatch, capsys):
-    """Trained to answer in characters the English references never contain: its
+    """An adapter that answers in characters the English references never contain: first
+    trained to that (no validation, not published), then continued for one small step
+    against English validation rows, so even its best checkpoint answers that way. Its
     validation chrF falls below the base model's, and the gate says so with both."""
-    write_csv(tmp_path / "data" / "train.csv", [(t, "阿拉阿拉阿拉阿拉") for t, _ in ROWS])
+    write_csv(tmp_path / "data" / "cjk.csv", [(t, "阿拉阿拉阿拉阿拉") for t, _ in ROWS])
     write_csv(tmp_path / "data" / "val.csv", ROWS[:6])
-    config = tmp_path / "worse.yaml"
-    config.write_text(json.dumps({
-        "name": "worse", "train_data_dir": "data", "metadata_path": "train.csv",
-        "val_path": "val.csv", "base_model": str(trainable_tiny_dir), "lora_rank": 8,
-        "target_modules": "all-linear", "batch_size": 5, "epochs": 20, "learning_rate": 1e-2,
-        "eval_max_new_tokens": 12, "save_steps": 0}))
+    common = {"train_data_dir": "data", "base_model": str(trainable_tiny_dir),
+              "lora_rank": 8, "target_modules": "all-linear", "batch_size": 5,
+              "eval_max_new_tokens": 12, "save_steps": 0, "dropout": 0.0}
+    (tmp_path / "cjk.yaml").write_text(json.dumps({
+        **common, "name": "cjk", "metadata_path": "cjk.csv", "val_split": 0.0,
+        "epochs": 40, "learning_rate": 1e-2}))
+    (tmp_path / "worse.yaml").write_text(json.dumps({
+        **common, "name": "worse", "metadata_path": "cjk.csv", "val_path": "val.csv",
+        "epochs": 1, "learning_rate": 1e-6, "init_from": "runs/cjk/adapter"}))
     monkeypatch.chdir(tmp_path)
+    assert cli(["train", "--config", "cjk.yaml", "--quiet", "--no-publish"]) == 0
     assert cli(["train", "--config", "worse.yaml", "--quiet"]) == 3
     out = capsys.readouterr().out
     metrics = json.loads((tmp_path / "runs" / "worse" / "metrics.json").read_text())
@@ -183,7 +189,7 @@ def test_the_gate_scores_with_the_generator_make_eval_uses(tmp_path, trainable_t
     config.write_text(json.dumps({
         "dialect": "same", "train_data_dir": "data", "metadata_path": "train.csv",
         "val_path": "val.csv", "base_model": str(trainable_tiny_dir), "batch_size": 5,
-        "epochs": 30, "learning_rate": 1e-2, "target_modules": "all-linear",
+        "epochs": 15, "learning_rate": 1e-2, "target_modules": "all-linear",
         "prompt_template": template, "eval_max_new_tokens": 12, "save_steps": 0}))
     monkeypatch.chdir(tmp_path)
     assert cli(["train", "--config", "same.yaml", "--quiet", "--force"]) == 0

@@ -44,7 +44,7 @@ from server.adapters.store import (
 from server.adapters.validate import ValidatedAdapter, load_validated
 from server.engine.multi_lora import LoraSlots
 from server.errors import AdapterNotFound, InvalidRequest, SwitchboardError
-from server.formats.manifest import MANIFEST_FILE, AdapterManifest
+from server.formats.manifest import AdapterManifest
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +68,10 @@ class CacheStats:
 class _Entry:
     validated: ValidatedAdapter
     load_seconds: float
+    signature: Signature
+    """The folder's signature when this version was read (the watcher compares it)."""
     slot: int | None = None
+    """The device slot holding this version: the one record of who owns a slot."""
     version_pins: int = 0
     slot_pins: int = 0
     last_used: float = field(default_factory=time.monotonic)
@@ -146,14 +149,9 @@ class AdapterCache:
         self._current: dict[str, _Entry] = {}
         self._previous: dict[str, _Entry] = {}
         self._loading: dict[str, Future[_Entry]] = {}
-        self._slot_owner: list[_Entry | None] = [None] * slots.num_slots
-        self._signatures: dict[str, Signature] = {}
-        self._unsettled: dict[str, Signature] = {}
-        self._failed: dict[str, Signature] = {}
-        self._errors: dict[str, str] = {}
+        self._failures: dict[str, tuple[str, Signature]] = {}
+        """The last refused load of a name: its message and the folder's signature."""
         self._executor = ThreadPoolExecutor(loader_threads, thread_name_prefix="adapter-load")
-        self._poller: threading.Thread | None = None
-        self._stop = threading.Event()
 
     # -- leases (request path) ---------------------------------------------------------------
     def lease(self, name: str, timeout: float | None = None) -> AdapterLease:
@@ -212,8 +210,7 @@ class AdapterCache:
         except SwitchboardError as exc:
             with self._lock:
                 self._loading.pop(name, None)
-                self._errors[name] = str(exc)
-                self._failed[name] = sig
+                self._failures[name] = (str(exc), sig)
                 self.stats.load_failures += 1
             log.warning("adapter %s refused: %s", name, exc)
             raise
@@ -227,17 +224,15 @@ class AdapterCache:
             key = (name, validated.version)
             entry = self._entries.get(key)
             if entry is None:
-                entry = _Entry(validated, seconds)
+                entry = _Entry(validated, seconds, sig)
                 self._entries[key] = entry
                 self.stats.loads += 1
                 self.stats.load_seconds.append(seconds)
                 if self.on_load is not None:
                     self.on_load(name, seconds)
+            entry.signature = sig  # the same version read again (files touched, not changed)
             self._set_current(name, entry)
-            self._signatures[name] = sig
-            self._unsettled.pop(name, None)
-            self._failed.pop(name, None)
-            self._errors.pop(name, None)
+            self._failures.pop(name, None)
             self._evict_host()
         log.info("adapter %s version %s ready in %.3f s", name, entry.version[:12], seconds)
         return entry
@@ -261,12 +256,11 @@ class AdapterCache:
                 slot = self._evictable_slot()
                 if slot is None:
                     return None  # every slot is pinned: wait
-                victim = self._slot_owner[slot]
+                victim = self._slot_owners().get(slot)
                 if victim is not None:
                     victim.slot = None
                     self.stats.device_evictions += 1
                 entry.slot = slot
-                self._slot_owner[slot] = entry
                 self.stats.device_misses += 1
             else:
                 self.stats.device_hits += 1
@@ -274,9 +268,10 @@ class AdapterCache:
             entry.last_used = time.monotonic()
             lease._slot_held = True
             slot = entry.slot
+            assert slot is not None
         if cold:
             try:
-                self.slots.load(slot, entry.name, entry.validated.adapter)
+                self.slots.load(slot, entry.validated.adapter)
             except BaseException:
                 with self._lock:  # nothing usable is in the slot: give it back
                     lease._slot_held = False
@@ -285,22 +280,21 @@ class AdapterCache:
                 raise
         return slot
 
+    def _slot_owners(self) -> dict[int, _Entry]:
+        """Slot → the version in it, read off the entries (every slot holder is one)."""
+        return {e.slot: e for e in self._entries.values() if e.slot is not None}
+
     def _evictable_slot(self) -> int | None:
-        free = [s for s, owner in enumerate(self._slot_owner) if owner is None]
+        owners = self._slot_owners()
+        free = [s for s in range(self.slots.num_slots) if s not in owners]
         if free:
             return free[0]
-        unpinned = [s for s, owner in enumerate(self._slot_owner)
-                    if owner is not None and owner.slot_pins == 0]
+        unpinned = [owner for owner in owners.values() if owner.slot_pins == 0]
         if not unpinned:
             return None
-
-        def rank(slot: int) -> tuple[bool, float]:
-            owner = self._slot_owner[slot]
-            assert owner is not None
-            # Old versions go first, then the least recently used.
-            return (self._current.get(owner.name) is owner, owner.last_used)
-
-        return min(unpinned, key=rank)
+        # Old versions go first, then the least recently used.
+        victim = min(unpinned, key=lambda e: (self._current.get(e.name) is e, e.last_used))
+        return victim.slot
 
     def _release(self, lease: AdapterLease) -> None:
         with self._lock:
@@ -328,7 +322,6 @@ class AdapterCache:
     def _free_slot(self, entry: _Entry) -> None:
         if entry.slot is not None:
             self.slots.clear(entry.slot)
-            self._slot_owner[entry.slot] = None
             entry.slot = None
 
     def _drop(self, entry: _Entry) -> None:
@@ -357,7 +350,6 @@ class AdapterCache:
                          key=lambda e: (self._current.get(e.name) is e, e.last_used))
             if self._current.get(victim.name) is victim:
                 del self._current[victim.name]
-                self._signatures.pop(victim.name, None)
             if self._previous.get(victim.name) is victim:
                 del self._previous[victim.name]
             self._drop(victim)
@@ -383,9 +375,8 @@ class AdapterCache:
                     f"adapter '{name}' has no kept version {version[:16]!r} "
                     f"(kept: {', '.join(versions) or 'none'})"
                 )
-            self._set_current(name, kept[0])
-            self._signatures.pop(name, None)  # the next poll reloads if the disk differs
-            self._failed.pop(name, None)
+            self._set_current(name, kept[0])  # the next poll reloads if the disk differs
+            self._failures.pop(name, None)
         return self.info(name)
 
     def unload(self, name: str) -> None:
@@ -394,7 +385,6 @@ class AdapterCache:
         with self._lock:
             entries = [e for e in (self._current.pop(name, None),
                                    self._previous.pop(name, None)) if e is not None]
-            self._signatures.pop(name, None)
             if not entries:
                 self.store.locate(name)  # NotFound for names that do not exist
             for entry in entries:
@@ -420,57 +410,30 @@ class AdapterCache:
                 errors[name] = str(exc)
         return errors
 
-    # -- watching the disk -------------------------------------------------------------------
-    def poll_now(self) -> None:
-        """Notice added, changed and removed adapter folders (the poller calls this)."""
-        on_disk = set(self.store.names())
+    # -- what the watcher (server/adapters/watcher.py) reads and drives -------------------
+    def watched(self) -> dict[str, tuple[Signature | None, Signature | None, bool]]:
+        """Per name the cache knows: (served version's signature, last refused
+        signature, a load under way)."""
         with self._lock:
-            known = set(self._current) | set(self._signatures)
-        for name in sorted(known - on_disk):
-            self._retire(name)
-        for name in sorted(known & on_disk):
-            try:
-                folder = self.store.locate(name).folder
-            except SwitchboardError:
-                self._retire(name)
-                continue
-            sig = signature(folder)
-            with self._lock:
-                if sig == self._signatures.get(name) or sig == self._failed.get(name):
-                    continue
-                if name in self._loading:
-                    continue
-                has_manifest = any(f == MANIFEST_FILE for f, _, _ in sig)
-                if not has_manifest and self._unsettled.get(name) != sig:
-                    self._unsettled[name] = sig  # still being written? wait one more poll
-                    continue
-            try:
-                self._start_load(name)
-            except SwitchboardError as exc:
-                log.warning("adapter %s: reload not started: %s", name, exc)
+            names = set(self._current) | set(self._failures)
+            return {name: (self._current[name].signature if name in self._current else None,
+                           self._failures[name][1] if name in self._failures else None,
+                           name in self._loading) for name in names}
 
-    def _retire(self, name: str) -> None:
+    def refresh(self, name: str) -> None:
+        """Start loading the folder's current contents (a new version), if not under way."""
+        self._start_load(name)
+
+    def retire(self, name: str) -> None:
+        """The folder is gone: stop serving ``name``; in-flight requests finish."""
         with self._lock:
             for entry in (self._current.pop(name, None), self._previous.pop(name, None)):
                 if entry is not None and entry.version_pins == 0:
                     self._drop(entry)
-            for table in (self._signatures, self._unsettled, self._failed, self._errors):
-                table.pop(name, None)
+            self._failures.pop(name, None)
         log.info("adapter %s retired: its folder is gone", name)
 
-    def start_polling(self, interval_s: float = 2.0) -> None:
-        def run() -> None:
-            while not self._stop.wait(interval_s):
-                try:
-                    self.poll_now()
-                except Exception:
-                    log.exception("adapter poll failed")
-
-        self._poller = threading.Thread(target=run, name="adapter-poll", daemon=True)
-        self._poller.start()
-
     def close(self) -> None:
-        self._stop.set()
         self._executor.shutdown(wait=False, cancel_futures=True)
 
     # -- introspection -----------------------------------------------------------------------
@@ -480,8 +443,7 @@ class AdapterCache:
             previous = self._previous.get(name)
             if entry is None:
                 return AdapterInfo(name, None, None, (), "disk", 0, None, 0, None,
-                                   previous.version if previous else None,
-                                   self._errors.get(name))
+                                   previous.version if previous else None, self._error(name))
             pinned = sum(e.version_pins for (n, _), e in self._entries.items() if n == name)
             adapter = entry.validated.adapter
             return AdapterInfo(
@@ -493,9 +455,13 @@ class AdapterCache:
                                     if n == name),
                 load_seconds=entry.load_seconds,
                 previous_version=previous.version if previous else None,
-                error=self._errors.get(name),
+                error=self._error(name),
                 manifest=entry.validated.manifest,
             )
+
+    def _error(self, name: str) -> str | None:
+        failure = self._failures.get(name)
+        return failure[0] if failure else None
 
     def list_adapters(self) -> list[AdapterInfo]:
         with self._lock:
@@ -507,7 +473,7 @@ class AdapterCache:
         with self._lock:
             return {
                 "host_entries": len(self._entries),
-                "slots_in_use": sum(owner is not None for owner in self._slot_owner),
+                "slots_in_use": len(self._slot_owners()),
                 "version_pins": sum(e.version_pins for e in self._entries.values()),
                 "slot_pins": sum(e.slot_pins for e in self._entries.values()),
                 "loading": len(self._loading),

@@ -186,7 +186,7 @@ class Engine:
             raise InvalidRequest(f"weight_scale {scale} exceeds the limit {cfg.max_weight_scale}")
         adapter = request.adapter
         if isinstance(adapter, int) and not self.slots.is_loaded(adapter):
-            loaded = [s.slot for s in self.slots.slots() if s.adapter] or "none"
+            loaded = self.slots.loaded() or "none"
             raise InvalidRequest(f"unknown adapter slot {adapter} (loaded: {loaded})")
         if request.forced_tokens is not None and any(
             not 0 <= int(t) < self.vocab_size for t in request.forced_tokens

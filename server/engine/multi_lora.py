@@ -156,13 +156,6 @@ def _compute_dtype(base: nn.Module) -> torch.dtype:
     return torch.float32
 
 
-@dataclass(frozen=True)
-class SlotInfo:
-    slot: int
-    adapter: str | None
-    rank: int
-
-
 @dataclass
 class LoraStack:
     """One kind of target (``q_proj``, ...) across all layers that share its shape.
@@ -219,10 +212,11 @@ class LoraStack:
 
 
 class LoraSlots:
-    """The slot API the adapter cache drives: load into a slot, clear it, list free ones.
+    """The slot API the adapter cache drives: load into a slot, clear it.
 
     Loading is ``copy_`` into the preallocated stacks of every wrapped layer; a module
-    the adapter does not target stays zero for that slot.
+    the adapter does not target stays zero for that slot. Which adapter owns a slot is
+    the adapter cache's record alone; here a slot only has a rank (0: empty).
     """
 
     def __init__(self, stacks: list[LoraStack], state: LoraStepState,
@@ -233,7 +227,6 @@ class LoraSlots:
         self.state = state
         self.num_slots = num_slots
         self.r_max = r_max
-        self._names: list[str | None] = [None] * num_slots
         self._ranks = [0] * num_slots
 
     def check_compatible(self, adapter: PeftAdapter) -> None:
@@ -260,7 +253,7 @@ class LoraSlots:
                     f"B{tuple(module.b.shape)}, base needs A{expected_a} B{expected_b}"
                 )
 
-    def load(self, slot: int, name: str, adapter: PeftAdapter) -> None:
+    def load(self, slot: int, adapter: PeftAdapter) -> None:
         """Copy ``adapter`` into ``slot`` of every wrapped layer (zero where it has nothing).
 
         Per target kind, not per layer: a seven-target adapter on a 30-layer model is 420
@@ -273,7 +266,6 @@ class LoraSlots:
         with torch.no_grad():
             for stack in self.stacks:
                 stack.load(slot, [adapter.modules.get(name) for name in stack.names])
-        self._names[slot] = name
         self._ranks[slot] = adapter.rank
 
     def clear(self, slot: int) -> None:
@@ -281,17 +273,13 @@ class LoraSlots:
         with torch.no_grad():
             for stack in self.stacks:
                 stack.clear(slot)
-        self._names[slot] = None
         self._ranks[slot] = 0
 
-    def free_slots(self) -> list[int]:
-        return [slot for slot, name in enumerate(self._names) if name is None]
-
     def is_loaded(self, slot: int) -> bool:
-        return 0 <= slot < self.num_slots and self._names[slot] is not None
+        return 0 <= slot < self.num_slots and self._ranks[slot] > 0
 
-    def slots(self) -> list[SlotInfo]:
-        return [SlotInfo(s, self._names[s], self._ranks[s]) for s in range(self.num_slots)]
+    def loaded(self) -> list[int]:
+        return [slot for slot in range(self.num_slots) if self._ranks[slot] > 0]
 
     def _check_slot(self, slot: int) -> None:
         if not 0 <= slot < self.num_slots:

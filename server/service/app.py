@@ -56,6 +56,7 @@ class SwitchboardServer:
         self.metrics_port = -1
         self.engine: Any = None
         self.cache: Any = None
+        self.watcher: Any = None
         self.routing: RoutingTableFile | None = None
         self.ready = asyncio.Event()
         self._stopped = asyncio.Event()
@@ -112,6 +113,7 @@ class SwitchboardServer:
         """Base model, engine, adapter cache, routing table, preload (a worker thread)."""
         from server.adapters.cache import AdapterCache
         from server.adapters.store import AdapterStore
+        from server.adapters.watcher import AdapterWatcher
         from server.basemodel import load_base_model
         from server.engine.engine import Engine
         from server.service.dispatch import Dispatcher
@@ -152,6 +154,7 @@ class SwitchboardServer:
                 cache.close()
                 return
             self.engine, self.cache, self.routing = engine, cache, routing
+            self.watcher = AdapterWatcher(cache)
             self.servicer.attach(Dispatcher(engine, cache, base.tokenizer, routing), cache)
             self._poller = threading.Thread(target=self._poll, name="switchboard-poll",
                                             daemon=True)
@@ -161,7 +164,8 @@ class SwitchboardServer:
         """Adapter folders and the routing table, every ``poll_interval_s``."""
         while not self._stop_polling.wait(self.config.poll_interval_s):
             try:
-                self.cache.poll_now()
+                if self.watcher is not None:
+                    self.watcher.poll_now()
                 if self.routing is not None:
                     self.routing.check()
             except Exception:
