@@ -74,7 +74,7 @@ def choose_scale(gen: EngineGenerator, name: str) -> float:
                for scale in SCALES}
     best = max(results, key=lambda s: (results[s], -abs(s - 1.0)))
     write_manifest(folder, replace(manifest, default_weight_scale=best))
-    gen.cache.refresh(name)  # the manifest changed: a new version
+    gen.cache.reload(name)  # the manifest changed: a new version
     print(f"{name}: validation chrF by scale {results}; default_weight_scale = {best}")
     return best
 
