@@ -6,7 +6,7 @@ The founding document's keys work as written (``train_data_dir``, ``metadata_pat
 common spellings of other tools are accepted as aliases (``lora_r``, ``lora_dropout``,
 ``num_epochs`` ...). An unknown key is an error that suggests the closest valid one.
 
-Paths, one rule (docs/trainer.md): a relative path is taken from the current directory,
+Paths, one rule (also in docs/architecture.md): a relative path is taken from the current directory,
 as with any command-line tool. An *input* that is not there (``train_data_dir``, the data
 files, ``base_model``, ``init_from``, ``resume_from``) is then looked for in the config
 file's folder, so a config kept beside its data works from anywhere; a missing input is

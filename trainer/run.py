@@ -10,11 +10,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from peft import set_peft_model_state_dict
+from peft import PeftModel, set_peft_model_state_dict
 from safetensors.torch import load_file
 
 from server.errors import InvalidOption
-from server.formats.manifest import ADAPTER_CONFIG_FILE
 from trainer.config import TrainConfig
 from trainer.data import encode
 from trainer.evaluate import plot_losses, validation_scores
@@ -86,9 +85,10 @@ def train(config: TrainConfig, plan: RunPlan | None = None, *, force: bool = Fal
     eval_rows = [e.row for e in val_set.examples][: config.eval_samples]
     if eval_rows:
         # Training is over: the plain base goes to the engine that scores like make eval.
+        rank = _max_rank(model)
         metrics.update(validation_scores(
             model.unload(), tokenizer, base.base_fingerprint, adapter_dir, eval_rows,
-            config.prompt_template, config.eval_max_new_tokens, _adapter_rank(adapter_dir)))
+            config.prompt_template, config.eval_max_new_tokens, rank))
         metrics["val_chrf"] = metrics["val_chrf_adapter"]
     (output / "metrics.json").write_text(json.dumps(metrics, indent=2))
     plot_losses(output / "loss.png", progress.train_losses, progress.val_losses,
@@ -104,10 +104,10 @@ def train(config: TrainConfig, plan: RunPlan | None = None, *, force: bool = Fal
     return RunResult(metrics, adapter_dir, output, published)
 
 
-def _adapter_rank(folder: Path) -> int:
-    """The largest rank in a saved PEFT adapter (``r`` and any ``rank_pattern``)."""
-    config = json.loads((folder / ADAPTER_CONFIG_FILE).read_text())
-    return max([int(config["r"]), *(int(r) for r in (config.get("rank_pattern") or {}).values())])
+def _max_rank(model: PeftModel) -> int:
+    """The largest rank of the trained LoRA (``r`` and any ``rank_pattern``)."""
+    lora: Any = model.peft_config["default"]  # a LoraConfig
+    return max([int(lora.r), *(int(r) for r in (lora.rank_pattern or {}).values())])
 
 
 def summary_table(metrics: dict[str, Any]) -> str:

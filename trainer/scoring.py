@@ -55,8 +55,8 @@ class EngineGenerator:
         self.max_new_tokens = max_new_tokens
         self.engine = Engine(model, tokenizer, EngineConfig(
             max_batch_size=16, max_queue_size=4096, max_model_len=max_model_len,
-            max_loras=max_loras,
-            max_lora_rank=max_lora_rank, max_new_tokens_limit=max_new_tokens))
+            max_loras=max_loras, max_lora_rank=max_lora_rank,
+            max_new_tokens_limit=max_new_tokens))
         self.cache = AdapterCache(AdapterStore(roots), self.engine.slots, base_fingerprint)
 
     def run(self, prompts: list[list[int]], adapter: str | None, scale: float) -> list[str]:

@@ -253,10 +253,10 @@ class AdapterCache:
                 raise InvalidRequest("adapter lease used after release")
             cold = entry.slot is None
             if cold:
-                slot = self._evictable_slot()
-                if slot is None:
+                choice = self._evictable_slot()
+                if choice is None:
                     return None  # every slot is pinned: wait
-                victim = self._slot_owners().get(slot)
+                slot, victim = choice
                 if victim is not None:
                     victim.slot = None
                     self.stats.device_evictions += 1
@@ -267,34 +267,36 @@ class AdapterCache:
             entry.slot_pins += 1
             entry.last_used = time.monotonic()
             lease._slot_held = True
-            slot = entry.slot
-            assert slot is not None
+            held = entry.slot
+            assert held is not None
         if cold:
             try:
-                self.slots.load(slot, entry.validated.adapter)
+                self.slots.load(held, entry.validated.adapter)
             except BaseException:
                 with self._lock:  # nothing usable is in the slot: give it back
                     lease._slot_held = False
                     entry.slot_pins -= 1
                     self._free_slot(entry)
                 raise
-        return slot
+        return held
 
     def _slot_owners(self) -> dict[int, _Entry]:
         """Slot → the version in it, read off the entries (every slot holder is one)."""
         return {e.slot: e for e in self._entries.values() if e.slot is not None}
 
-    def _evictable_slot(self) -> int | None:
+    def _evictable_slot(self) -> tuple[int, _Entry | None] | None:
+        """A free slot, else the slot of the unpinned version to evict (and that version)."""
         owners = self._slot_owners()
         free = [s for s in range(self.slots.num_slots) if s not in owners]
         if free:
-            return free[0]
+            return free[0], None
         unpinned = [owner for owner in owners.values() if owner.slot_pins == 0]
         if not unpinned:
             return None
         # Old versions go first, then the least recently used.
         victim = min(unpinned, key=lambda e: (self._current.get(e.name) is e, e.last_used))
-        return victim.slot
+        assert victim.slot is not None
+        return victim.slot, victim
 
     def _release(self, lease: AdapterLease) -> None:
         with self._lock:

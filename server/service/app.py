@@ -164,8 +164,7 @@ class SwitchboardServer:
         """Adapter folders and the routing table, every ``poll_interval_s``."""
         while not self._stop_polling.wait(self.config.poll_interval_s):
             try:
-                if self.watcher is not None:
-                    self.watcher.poll_now()
+                self.watcher.poll_now()  # set before the poller starts
                 if self.routing is not None:
                     self.routing.check()
             except Exception:
