@@ -64,16 +64,17 @@ def run_ours(folder: Path) -> dict:
     from trainer.data import encode
     from trainer.loop import train_loop
     from trainer.model import load_for_training
-    from trainer.rows import read_rows
+    from trainer.plan import plan_run
 
     (folder / "train.yaml").write_text(
         f"name: bench\nmetadata_path: data.csv\nbatch_size: {BATCH}\nepochs: 1\n"
         f"learning_rate: {LR}\nval_split: 0\nsave_steps: 0\ndropout: 0.05\n"
-        f"output_dir: runs/ours\nwarmup_ratio: 0\n")
+        f"output_dir: {folder / 'runs' / 'ours'}\nwarmup_ratio: 0\n")
     config = load_train_config(folder / "train.yaml")
+    plan = plan_run(config, publish=False)
     torch.manual_seed(0)
-    base, model = load_for_training(config)
-    examples = encode(read_rows(folder / "data.csv"), base.tokenizer, config.prompt_template,
+    base, model = load_for_training(config, plan)
+    examples = encode(plan.train_rows, base.tokenizer, config.prompt_template,
                       config.max_seq_length, True).examples
     pad = base.tokenizer.pad_token_id
     train_loop(config, model, examples[: BATCH * WARMUP], [], pad, quiet=True)  # warm-up
