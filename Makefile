@@ -65,6 +65,7 @@ soak: setup
 
 # Benchmarks are scripts, not timed tests; each writes bench/results/<area>.json.
 bench: setup
+	$(BIN)/python -m bench.decode_bench
 	$(BIN)/python -m bench.engine_bench
 	$(BIN)/python -m bench.adapters_bench
 	$(BIN)/python -m bench.e2e_bench

@@ -54,6 +54,10 @@ def _cmd_model_info(args: argparse.Namespace) -> int:
     )
     info = asdict(loaded.info)
     info["base_fingerprint"] = loaded.base_fingerprint
+    from server.engine.config import EngineConfig
+    from server.engine.engine import choose_decode_path
+
+    info["decode_path"] = choose_decode_path(loaded.model, args.decode or EngineConfig.decode)[1]
     if args.perplexity:
         from server.basemodel.quality import perplexity
 
@@ -74,6 +78,7 @@ def _cmd_model_info(args: argparse.Namespace) -> int:
         ("memory", f"{info['memory_bytes'] / 2**20:.1f} MiB"),
         ("load time", f"{info['load_seconds']:.2f} s"),
         ("base fingerprint", info["base_fingerprint"]),
+        ("decode path", info["decode_path"]),
     ]
     if args.perplexity:
         rows.append(("perplexity", info["perplexity"]))
@@ -127,6 +132,8 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     info.add_argument("--dtype", default=None, help="float32, bfloat16 or float16")
     info.add_argument("--quantize", default="none", help="none, int8 or nf4")
+    info.add_argument("--decode", default=None, choices=("fused", "eager"),
+                      help="the engine.decode setting to check (default: the engine's)")
     info.add_argument("--perplexity", action="store_true", help="also measure perplexity")
     info.add_argument("--json", action="store_true", help="machine-readable output")
     info.set_defaults(handler=_cmd_model_info)

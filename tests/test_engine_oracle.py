@@ -57,7 +57,7 @@ def make_adapters(base_dir: Path, out: Path, b_std: float) -> dict[str, Path]:
 
 def run_oracle(
     served: LoadedBaseModel, oracle_base: torch.nn.Module, adapters: dict[str, Path],
-    tolerance: float, max_new_tokens: int,
+    tolerance: float, max_new_tokens: int, decode: str = "fused",
 ) -> dict[str, float]:
     tokenizer = served.tokenizer
     prompts = [tokenizer.encode(p, add_special_tokens=False) for p in PROMPTS]
@@ -77,6 +77,7 @@ def run_oracle(
 
     engine = Engine(served.model, tokenizer, EngineConfig(
         max_batch_size=len(CASES), max_model_len=128, max_loras=4, max_lora_rank=16,
+        decode=decode,
     ))
     try:
         slot_of = {}
@@ -120,12 +121,14 @@ def run_oracle(
         engine.stop()
 
 
-def test_oracle_tiny_fp32(tiny_model_dir: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("decode", ["fused", "eager"])
+def test_oracle_tiny_fp32(decode: str, tiny_model_dir: Path, tmp_path: Path) -> None:
     adapters = make_adapters(tiny_model_dir, tmp_path, b_std=0.5)
     served = load_base_model(tiny_model_dir, dtype="float32")
     oracle_base = load_base_model(tiny_model_dir, dtype="float32").model
-    stats = run_oracle(served, oracle_base, adapters, tolerance=1e-4, max_new_tokens=8)
-    print("tiny fp32 oracle:", stats)
+    stats = run_oracle(served, oracle_base, adapters, tolerance=1e-4, max_new_tokens=8,
+                       decode=decode)
+    print(f"tiny fp32 oracle ({decode}):", stats)
 
 
 def test_oracle_tiny_nf4(tiny_model_dir: Path, tmp_path: Path) -> None:
@@ -136,13 +139,16 @@ def test_oracle_tiny_nf4(tiny_model_dir: Path, tmp_path: Path) -> None:
     print("tiny nf4 oracle:", stats)
 
 
-def test_oracle_default_fp32(default_model: LoadedBaseModel, tmp_path: Path) -> None:
+@pytest.mark.parametrize("decode", ["fused", "eager"])
+def test_oracle_default_fp32(decode: str, default_model: LoadedBaseModel,
+                             tmp_path: Path) -> None:
     adapters = make_adapters(Path(default_model.info.model_path), tmp_path, b_std=0.02)
     served = load_base_model("default", dtype="float32")
     # PEFT injects its layers into the model it wraps: give it a copy of its own.
     oracle_base = load_base_model("default", dtype="float32").model
-    stats = run_oracle(served, oracle_base, adapters, tolerance=1e-3, max_new_tokens=8)
-    print("default fp32 oracle:", stats)
+    stats = run_oracle(served, oracle_base, adapters, tolerance=1e-3, max_new_tokens=8,
+                       decode=decode)
+    print(f"default fp32 oracle ({decode}):", stats)
 
 
 @pytest.mark.gpu

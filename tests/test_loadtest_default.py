@@ -39,3 +39,6 @@ def test_loadtest_200_requests_at_concurrency_16_has_no_errors(tmp_path, default
     print(json.dumps(report, indent=2))
     assert report["requests"] == report["ok"] == 200 and report["errors"] == {}
     assert report["tokens_per_s"] > 0 and report["latency_ms"]["p99"] > 0
+    # The start-up log names the decode path the shipped settings take on this base.
+    log = (tmp_path / "server.log").read_text()
+    assert "decode path ready" in log and "fused (" in log

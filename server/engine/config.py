@@ -7,6 +7,8 @@ from dataclasses import dataclass, fields
 from server.basemodel.loader import LORA_TARGET_MODULES
 from server.errors import InvalidOption
 
+DECODE_PATHS = ("fused", "eager")
+
 
 @dataclass(frozen=True)
 class EngineConfig:
@@ -34,6 +36,10 @@ class EngineConfig:
     """A request not admissible for this long stops later requests from passing it."""
     trace_capacity: int = 4096
     """Steps kept in the step trace."""
+    decode: str = "fused"
+    """How a step runs the model: ``fused`` (fused projections on prepacked GEMM kernels,
+    server/engine/fused.py) or ``eager`` (the model's own modules, one per projection).
+    A base the fused path cannot run (a quantized one) decodes eagerly, and says why."""
 
     def __post_init__(self) -> None:
         for f in fields(self):
@@ -44,6 +50,11 @@ class EngineConfig:
             raise InvalidOption(
                 "engine setting max_num_batched_tokens must be >= max_batch_size "
                 "(every decoding row needs one token per step)"
+            )
+        if self.decode not in DECODE_PATHS:
+            raise InvalidOption(
+                f"engine setting decode must be one of {', '.join(DECODE_PATHS)}, "
+                f"got {self.decode!r}"
             )
         unknown = set(self.target_modules) - set(LORA_TARGET_MODULES)
         if unknown:

@@ -26,13 +26,16 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
 from server.engine.config import EngineConfig
 from server.engine.detokenizer import IncrementalDetokenizer
 from server.engine.forward import BatchedLlama, Segment, StepInput
+from server.engine.fused import FusedLlama, unfusable_reason
 from server.engine.multi_lora import NO_ADAPTER, LoraSegment, LoraSlots, attach_multi_lora
+from server.engine.packed_linear import onednn_available
 from server.engine.request import (
     FinishReason,
     GenerationRequest,
@@ -92,10 +95,16 @@ class Engine:
         self.tokenizer = tokenizer
         self.model = model
         self.device = next(model.parameters()).device
+        cfg = self.config
+        self.decode_path, self.decode_note = choose_decode_path(model, cfg.decode)
         self.slots: LoraSlots = attach_multi_lora(
-            model, self.config.target_modules, self.config.max_loras, self.config.max_lora_rank
+            model, cfg.target_modules, cfg.max_loras, cfg.max_lora_rank
         )
-        self.runner = BatchedLlama(model, self.config.max_batch_size, self.config.max_model_len)
+        self.runner: BatchedLlama = (
+            FusedLlama(model, cfg.max_batch_size, cfg.max_model_len)
+            if self.decode_path == "fused"
+            else BatchedLlama(model, cfg.max_batch_size, cfg.max_model_len)
+        )
         self.cache = self.runner.cache
         self.vocab_size = int(self.runner.model.config.vocab_size)
         self.eos_ids = _eos_ids(model, tokenizer)
@@ -157,6 +166,7 @@ class Engine:
         with self._cond:
             return {
                 "running": len(self._running),
+                "prefilling": sum(row.prefilling for row in self._running),
                 "waiting": len(self._waiting),
                 "free_kv_rows": self.cache.free_rows,
                 "steps": self.steps,
@@ -246,8 +256,11 @@ class Engine:
         for row, segment in zip(rows, step.segments, strict=True):
             if row.prefilling:
                 row.computed += segment.length
+        # Greedy rows without a penalty (most traffic) share one argmax over the batch
+        # instead of one small op (and on CUDA one device sync) per row.
+        best = logits.argmax(dim=-1).tolist() if step.logit_rows else []
         for logit_index, seg_index in enumerate(step.logit_rows):
-            self._advance(rows[seg_index], logits[logit_index])
+            self._advance(rows[seg_index], logits[logit_index], best[logit_index])
         self.trace.append(StepTrace(
             step_no, tuple(r.request.request_id for r in rows), prefill, started_at,
             time.perf_counter() - started,
@@ -338,7 +351,8 @@ class Engine:
         step = StepInput(torch.tensor(ids, device=self.device), segments, logit_rows)
         return rows, step
 
-    def _advance(self, row: _Row, logits: torch.Tensor) -> None:
+    def _advance(self, row: _Row, logits: torch.Tensor, best: int) -> None:
+        """Append the row's next token (``best`` is its logits' argmax) and emit text."""
         request = row.request
         params = request.sampling
         if request.record_logits:
@@ -346,6 +360,8 @@ class Engine:
         forced = request.forced_tokens
         if forced is not None:
             token = forced[len(row.generated)]
+        elif params.greedy and params.repetition_penalty == 1.0:
+            token = best
         else:
             seen = torch.tensor(request.prompt_ids + row.generated, device=logits.device) \
                 if params.repetition_penalty != 1.0 else torch.empty(0, dtype=torch.long)
@@ -421,6 +437,18 @@ def _ended(row: _Row, now: float) -> FinishReason | None:
     if deadline is not None and now >= deadline:
         return FinishReason.DEADLINE
     return None
+
+
+def choose_decode_path(model: torch.nn.Module, requested: str) -> tuple[str, str]:
+    """The decode path the engine will run for ``requested``, and a line saying why."""
+    if requested == "eager":
+        return "eager", "eager (as configured)"
+    reason = unfusable_reason(model)
+    if reason is not None:
+        return "eager", f"eager ({requested} unavailable: {reason})"
+    head: Any = model.lm_head
+    kernel = "oneDNN prepacked" if onednn_available(head.weight) else "aten"
+    return requested, f"{requested} ({kernel} GEMMs)"
 
 
 def _eos_ids(model: torch.nn.Module, tokenizer) -> frozenset[int]:

@@ -53,7 +53,8 @@ class LoraSegment:
 class LoraStep:
     """Per-step routing shared by all wrapped layers of one model.
 
-    Decode tokens (one per row) go through the dense path: ``dense_mask`` is
+    Decode tokens (one per row; base rows too, at scale 0, so that they stay a prefix
+    when base and adapter rows decode together) go through the dense path: ``dense_mask`` is
     ``[dense_tokens, rank * num_slots]`` (rank-major, like the stacks); for a token of
     a row using slot ``s`` at scale ``c``, column ``r * num_slots + s`` holds ``c`` for
     every ``r < rank`` and all else is 0. ``dense_index`` lists those tokens (None: they
@@ -117,9 +118,15 @@ class MultiLoraLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: [tokens, in]
         y = self.base(x)  # [tokens, out]
+        self.add_lora(y, x)
+        return y
+
+    def add_lora(self, y: torch.Tensor, x: torch.Tensor) -> None:
+        """``y += `` every token's LoRA term, in place (``y`` may be a column slice of a
+        fused projection's output: the fused path calls this per target)."""
         step = self.state.step
         if step is None:
-            return y
+            return
         rank = min(step.rank, self.max_rank)
         if step.dense_mask is not None and rank > 0:
             rows = rank * self.num_slots
@@ -143,7 +150,6 @@ class MultiLoraLinear(nn.Module):
             b_s = self.lora_b_t[:rank, seg.slot]  # [rank, out]
             h = torch.matmul(x[seg.start : seg.end].to(a_s.dtype), a_s.t())  # [n, rank]
             y[seg.start : seg.end] += (torch.matmul(h, b_s) * seg.scale).to(y.dtype)
-        return y
 
 def _compute_dtype(base: nn.Module) -> torch.dtype:
     # bitsandbytes layers store packed uint8/int8 weights; LoRA runs in the compute dtype.
@@ -291,19 +297,23 @@ class LoraSlots:
         Rows without an adapter (slot -1) are skipped; single-token rows (decoding) share
         the dense path, longer ones (prefill chunks) get their own.
         """
-        dense = [s for s in segments if s.slot != NO_ADAPTER and s.end - s.start == 1]
+        # Base rows decoding beside adapter rows join the dense path at scale 0 (their term
+        # is exactly zero): the dense tokens then stay a prefix, a slice rather than a gather.
+        dense = [s for s in segments if s.end - s.start == 1]
+        adapted = [s for s in dense if s.slot != NO_ADAPTER]
         long = tuple(s for s in segments if s.slot != NO_ADAPTER and s.end - s.start > 1)
-        if not dense and not long:
+        if not adapted and not long:
             self.state.step = None
             return
         mask = index = None
-        rank = max(self._ranks[s.slot] for s in dense) if dense else 0
-        if dense:
+        rank = max(self._ranks[s.slot] for s in adapted) if adapted else 0
+        if adapted:
             dtype = next(iter(self.layers.values())).lora_a.dtype
             device = self.state_device
             per_slot = torch.zeros(len(dense), self.num_slots, dtype=dtype)  # [dense, slots]
             for i, seg in enumerate(dense):
-                per_slot[i, seg.slot] = seg.scale
+                if seg.slot != NO_ADAPTER:
+                    per_slot[i, seg.slot] = seg.scale
             # rank-major columns: [dense, rank, slots] -> [dense, rank * slots]
             mask = per_slot.unsqueeze(1).expand(len(dense), rank, self.num_slots) \
                 .reshape(len(dense), rank * self.num_slots).to(device)

@@ -20,6 +20,7 @@ import os
 import signal
 import sys
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -129,7 +130,11 @@ class SwitchboardServer:
             "source": base.info.source,
             "device": str(base.model.device), "dtype": base.info.dtype,
             "quantize": cfg.quantize, "fingerprint": base.base_fingerprint[:12]}})
+        started = time.perf_counter()
         engine = Engine(base.model, base.tokenizer, cfg.engine)
+        log.info("decode path ready", extra={"fields": {
+            "decode_path": engine.decode_note,
+            "warmup_s": round(time.perf_counter() - started, 2)}})
         roots = [cfg.resolve(root) for root in cfg.adapter_roots]
         cache = AdapterCache(AdapterStore(roots), engine.slots, base.base_fingerprint,
                              max_cpu_adapters=cfg.max_cpu_adapters)

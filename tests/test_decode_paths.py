@@ -1,0 +1,142 @@
+"""The fused decode path against the eager one (the PEFT oracle runs on both: see
+test_engine_oracle.py), and how the engine chooses and reports its path."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from server.basemodel import load_base_model
+from server.engine.config import EngineConfig
+from server.engine.engine import Engine, choose_decode_path
+from server.engine.forward import Segment, StepInput
+from server.engine.fused import FusedLlama
+from server.engine.multi_lora import LoraSegment
+from server.engine.peft_adapter import read_peft_adapter
+from server.engine.request import GenerationRequest
+from server.engine.sampling import SamplingParams
+from server.errors import InvalidOption
+from server.service.config import REPO_ROOT
+from tests.lora_helpers import assert_same_greedy, top2_margins
+from tests.support import ALL_TARGETS, make_random_adapter
+
+REQUESTS = 32
+SPECS = [(4, ("q_proj", "v_proj")), (8, ALL_TARGETS), (16, ALL_TARGETS), (8, ("q_proj",))]
+
+
+def mixed_requests(tokenizer, new_tokens: int) -> list[GenerationRequest]:
+    """32 requests: base rows and 4 adapters at several scales, prompts and lengths, so
+    rows join mid-decode, leave early and hold KV rows out of order."""
+    texts = ["Translate Wu dialect to English: 侬今朝吃饭伐?\n", "The weather today is",
+             "Order number 4471 was delivered to", "你食咗飯未呀?", "Hello, my bill is"]
+    requests = []
+    for i in range(REQUESTS):
+        ids = tokenizer.encode(texts[i % len(texts)] * (1 + i % 3), add_special_tokens=False)
+        slot = i % (len(SPECS) + 1) - 1
+        requests.append(GenerationRequest(
+            ids, SamplingParams(max_new_tokens=new_tokens - i % 3, ignore_eos=True),
+            adapter=None if slot < 0 else slot, weight_scale=(0.5, 1.0, 1.5)[i % 3],
+            record_logits=True))
+    return requests
+
+
+def run_requests(model_dir: Path | str, adapters: list[Path], decode: str,
+                 new_tokens: int) -> tuple[list, str]:
+    loaded = load_base_model(model_dir, dtype="float32")
+    engine = Engine(loaded.model, loaded.tokenizer, EngineConfig(
+        max_batch_size=12, max_model_len=160, max_loras=4, max_lora_rank=16,
+        max_num_batched_tokens=64, prefill_chunk_size=24, decode=decode))
+    try:
+        for slot, path in enumerate(adapters):
+            engine.slots.load(slot, read_peft_adapter(path))
+        handles = [engine.submit(r) for r in mixed_requests(loaded.tokenizer, new_tokens)]
+        return [h.result(timeout=600) for h in handles], engine.decode_path
+    finally:
+        engine.stop()
+
+
+def compare_paths(model_dir: Path | str, tmp_path: Path, b_std: float,
+                  new_tokens: int) -> int:
+    adapters = [make_random_adapter(model_dir, tmp_path / f"a{i}", rank, targets, seed=i,
+                                    b_std=b_std)
+                for i, (rank, targets) in enumerate(SPECS)]
+    eager, eager_path = run_requests(model_dir, adapters, "eager", new_tokens)
+    fused, fused_path = run_requests(model_dir, adapters, "fused", new_tokens)
+    assert (eager_path, fused_path) == ("eager", "fused")
+    fragile = 0
+    for ref, ours in zip(eager, fused, strict=True):
+        fragile += assert_same_greedy(ref.token_ids, top2_margins(ref.logits), ours.token_ids)
+    # Where the tokens agree, so do the logits (same math, other kernels' rounding).
+    worst = max(float((a - b).abs().max())
+                for ref, ours in zip(eager, fused, strict=True) if ref.token_ids == ours.token_ids
+                for a, b in zip(ref.logits, ours.logits, strict=True))
+    assert worst <= 1e-3, f"fused and eager logits differ by {worst:.2e}"
+    assert fragile <= 2, f"{fragile} of {REQUESTS} requests diverged at fragile steps"
+    return fragile
+
+
+def test_fused_matches_eager_on_32_mixed_requests_tiny(tiny_model_dir: Path,
+                                                        tmp_path: Path) -> None:
+    compare_paths(tiny_model_dir, tmp_path, b_std=0.5, new_tokens=8)
+
+
+def test_fused_matches_eager_on_32_mixed_requests_default(tmp_path: Path) -> None:
+    model_dir = Path(load_base_model("default").info.model_path)
+    compare_paths(model_dir, tmp_path, b_std=0.02, new_tokens=6)
+
+
+def test_fused_step_with_decode_rows_out_of_order_and_a_prefill(tiny_model_dir: Path,
+                                                                 tmp_path: Path) -> None:
+    """One forward mixing decode rows whose KV rows are not a run (a gather), a prefill
+    chunk after them and base rows between adapter rows: equal to the eager forward."""
+    adapter = make_random_adapter(tiny_model_dir, tmp_path / "a", 8, ALL_TARGETS, seed=3,
+                                  b_std=0.5)
+    outputs = []
+    for decode in ("eager", "fused"):
+        loaded = load_base_model(tiny_model_dir, dtype="float32")
+        engine = Engine(loaded.model, loaded.tokenizer, EngineConfig(
+            max_batch_size=8, max_model_len=64, max_loras=2, decode=decode), start=False)
+        engine.slots.load(0, read_peft_adapter(adapter))
+        assert isinstance(engine.runner, FusedLlama) == (decode == "fused")
+        torch.manual_seed(0)
+        prompt = torch.randint(0, 200, (8, 12))
+        for row in range(8):  # fill every KV row with a 12-token prompt
+            engine.slots.set_step([LoraSegment(0, 12, 0 if row % 2 == 0 else -1, 1.0)])
+            engine.runner.forward(StepInput(prompt[row], [Segment(row, 0, 12, 0)], [0]))
+        kv_rows, slots = [5, 2, 7], [0, -1, 0]
+        segments = [Segment(r, i, 1, 12) for i, r in enumerate(kv_rows)]
+        segments.append(Segment(3, 3, 5, 12))  # row 3 prefills 5 more tokens
+        ids = torch.tensor([11, 12, 13, 20, 21, 22, 23, 24])
+        engine.slots.set_step([LoraSegment(s.start, s.start + s.length, slot, 0.7)
+                               for s, slot in zip(segments, [*slots, 0], strict=True)])
+        outputs.append(engine.runner.forward(StepInput(ids, segments, [0, 1, 2, 3])))
+        engine.slots.clear_step()
+    assert (outputs[0] - outputs[1]).abs().max() <= 1e-4
+
+
+def test_quantized_base_decodes_on_the_eager_path_and_says_why(tiny_model_dir: Path) -> None:
+    loaded = load_base_model(tiny_model_dir, dtype="float32", quantize="nf4")
+    path, note = choose_decode_path(loaded.model, "fused")
+    assert path == "eager"
+    assert "fused unavailable" in note and "quantized" in note
+    fp32 = load_base_model(tiny_model_dir, dtype="float32")
+    assert choose_decode_path(fp32.model, "fused")[0] == "fused"
+    assert choose_decode_path(fp32.model, "eager") == ("eager", "eager (as configured)")
+
+
+def test_unknown_decode_setting_is_refused() -> None:
+    with pytest.raises(InvalidOption, match="decode must be one of fused, eager, got 'fast'"):
+        EngineConfig(decode="fast")
+
+
+def test_model_info_shows_the_decode_path(tiny_model_dir: Path) -> None:
+    out = subprocess.run(
+        [sys.executable, "-m", "clients.cli", "model", "info", "--source", str(tiny_model_dir),
+         "--dtype", "float32"], capture_output=True, text=True, timeout=300,
+        env=dict(os.environ, HF_HUB_OFFLINE="1"), cwd=REPO_ROOT, check=True)
+    assert "decode path" in out.stdout and "fused (" in out.stdout
