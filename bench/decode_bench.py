@@ -198,6 +198,22 @@ def hf_prefill_s(model, ids: list[int], device: torch.device) -> float:
         return _now(device) - started
 
 
+def attach_compiled(engine: Engine, timeout: float = 1800) -> dict[str, float]:
+    """Give ``engine`` (fused) the compiled path and build its mixed-adapter graphs for
+    every benchmarked batch size now (compile seconds by variant)."""
+    from server.engine.compiled import CompiledDecoder
+
+    runner: Any = engine.runner
+    compiled = CompiledDecoder(runner, engine.slots, BATCHES, prebuild_base=False)
+    runner.compiled = compiled
+    engine.decode_path = "compiled"
+    variants = [compiled.variant(b, adapted=True) for b in BATCHES]
+    print(f"compiling {len(variants)} decode graphs ...", flush=True)
+    assert compiled.wait_ready(variants, timeout), compiled.failures
+    return {f"B={key[0]}": round(sec, 1) for key, sec in compiled.compile_seconds.items()
+            if key is not None}
+
+
 def engine_prefill_s(engine: Engine, ids: list[int]) -> float:
     """One request of ``ids`` and 1 new token: its prefill step (and one sample)."""
     handle = engine.submit(GenerationRequest(ids, SamplingParams(max_new_tokens=1)))
@@ -249,26 +265,44 @@ def single_call_p50_ms(engine: Engine, adapters_loaded: bool) -> float:
     return statistics.median(times)
 
 
-def grpc_single_call(workdir: Path) -> dict[str, Any]:
-    """``switchboard loadtest --concurrency 1``: the README's utterance, wuyu, 20 calls."""
+def grpc_single_call(workdir: Path, decode: str = "fused") -> dict[str, Any]:
+    """``switchboard loadtest --concurrency 1``: the README's utterance, wuyu, 20 calls.
+
+    On the compiled path, a first call asks for the wuyu graph at batch size 1, and the
+    20 calls start once the server's log says it is ready (the base graphs build first).
+    """
     prompts = workdir / "readme.txt"
     prompts.write_text(README_UTTERANCE + "\n", encoding="utf-8")
-    server = spawn_server(["--port", "0", "--metrics-port", "-1"], workdir / "server.log")
-    try:
+    log_path = workdir / f"server-{decode}.log"
+    started = time.perf_counter()
+    server = spawn_server(["--port", "0", "--metrics-port", "-1", "--set",
+                           f"engine.decode={decode}"], log_path)
+    serving_s = time.perf_counter() - started
+
+    def loadtest(requests: int) -> dict[str, Any]:
         result = subprocess.run(
             [sys.executable, "-m", "clients.cli", "loadtest", "--target", server.address,
-             "--concurrency", "1", "--requests", "20", "--mix", "wuyu=1", "--prompts",
-             str(prompts), "--json", "--quiet"],
+             "--concurrency", "1", "--requests", str(requests), "--mix", "wuyu=1",
+             "--prompts", str(prompts), "--json", "--quiet"],
             cwd=REPO_ROOT, capture_output=True, text=True, check=True)
+        return json.loads(result.stdout)
+
+    try:
+        if decode == "compiled":
+            loadtest(1)
+            deadline = time.monotonic() + 1800
+            while "B=1 rank" not in log_path.read_text():
+                assert time.monotonic() < deadline, "the wuyu graph was not built in 30 min"
+                time.sleep(2)
+        report = loadtest(20)
     finally:
         server.process.terminate()
         server.process.wait(120)
-    report = json.loads(result.stdout)
     assert report["errors"] == {}, report["errors"]
-    log = (workdir / "server.log").read_text()
-    warmup = [line for line in log.splitlines() if "decode path ready" in line]
+    ready = [line for line in log_path.read_text().splitlines() if "decode path ready" in line]
     return {"latency_ms": report["latency_ms"], "tokens": report["tokens"],
-            "startup_log": warmup[-1] if warmup else None}
+            "seconds_to_serving": round(serving_s, 1),
+            "startup_log": ready[-1] if ready else None}
 
 
 def main() -> None:
@@ -278,6 +312,7 @@ def main() -> None:
     parser.add_argument("--profile", action="store_true")
     parser.add_argument("--skip-grpc", action="store_true")
     parser.add_argument("--skip-quantized", action="store_true")
+    parser.add_argument("--skip-compiled", action="store_true")
     parser.add_argument("--suffix", default="", help="results file suffix (e.g. _cuda)")
     args = parser.parse_args()
 
@@ -292,7 +327,11 @@ def main() -> None:
 
     engines = {name: make_engine("default", args.device, args.dtype, "none", path, adapters)
                for name, path in (("base", "fused"), ("mixed", "fused"),
-                                  ("mixed_eager", "eager"))}
+                                  ("mixed_eager", "eager"), ("mixed_compiled", "fused"))}
+    compile_seconds = attach_compiled(engines["mixed_compiled"]) \
+        if device.type == "cpu" and not args.skip_compiled else {}
+    if not compile_seconds:
+        del engines["mixed_compiled"]
     ms: dict[str, dict[str, float]] = {}
     for batch in BATCHES:
         print(f"decode steps, B={batch} ...", flush=True)
@@ -301,6 +340,9 @@ def main() -> None:
             "engine_base": EngineDecode(engines["base"], batch, mixed=False),
             "engine_mixed": EngineDecode(engines["mixed"], batch, mixed=True),
             "engine_mixed_eager_path": EngineDecode(engines["mixed_eager"], batch, mixed=True),
+            **({"engine_mixed_compiled": EngineDecode(engines["mixed_compiled"], batch,
+                                                      mixed=True)}
+               if "mixed_compiled" in engines else {}),
         }, batch)
     if args.profile:
         profile_step(engines["mixed"], 16)
@@ -309,6 +351,8 @@ def main() -> None:
                                         "engine_eager_path": engines["mixed_eager"]}, device)
     single = single_call_p50_ms(engines["mixed"], adapters_loaded=True)
     single_eager = single_call_p50_ms(engines["mixed_eager"], adapters_loaded=True)
+    single_compiled = single_call_p50_ms(engines["mixed_compiled"], adapters_loaded=True) \
+        if "mixed_compiled" in engines else None
     decode_path = engines["mixed"].decode_note
     del engines, hf
 
@@ -325,6 +369,8 @@ def main() -> None:
             del engine
 
     grpc = None if args.skip_grpc else grpc_single_call(workdir)
+    grpc_compiled = None if args.skip_grpc or args.skip_compiled or device.type != "cpu" \
+        else grpc_single_call(workdir, "compiled")
 
     roofline = {str(b): max(weight_bytes / (copy_gb_s * 1e9),
                             2 * params * b / (gflops * 1e9)) * 1000 for b in BATCHES}
@@ -357,12 +403,18 @@ def main() -> None:
         "prefill_tokens_per_s": {k: round(v, 1) for k, v in prefill.items()},
         "single_call_p50_ms": round(single, 1),
         "single_call_p50_ms_eager_path": round(single_eager, 1),
+        "single_call_p50_ms_compiled_path": None if single_compiled is None
+        else round(single_compiled, 1),
+        "compiled_graph_compile_s": compile_seconds,
         "quantized_ms_per_mixed_step": quantized,
         "targets": targets,
     }
     if grpc is not None:
         payload["grpc_single_call_p50_ms"] = grpc["latency_ms"]["p50"]
         payload["grpc_single_call"] = grpc
+    if grpc_compiled is not None:
+        payload["grpc_single_call_p50_ms_compiled_path"] = grpc_compiled["latency_ms"]["p50"]
+        payload["grpc_single_call_compiled_path"] = grpc_compiled
     path = write_results("decode", payload, args.suffix)
     rows = [(f"B={b} {k}", f"{v:.1f} ms") for b, row in ms.items() for k, v in row.items()]
     rows += [(f"B={b} roofline", f"{v:.1f} ms") for b, v in roofline.items()]
@@ -371,6 +423,11 @@ def main() -> None:
     rows += [("single call p50", f"{single:.0f} ms (eager path {single_eager:.0f} ms)")]
     if grpc is not None:
         rows += [("gRPC single call p50", f"{grpc['latency_ms']['p50']:.0f} ms")]
+    if grpc_compiled is not None:
+        rows += [("gRPC single call p50, compiled",
+                  f"{grpc_compiled['latency_ms']['p50']:.0f} ms")]
+    if single_compiled is not None:
+        rows += [("single call p50, compiled", f"{single_compiled:.0f} ms")]
     rows += [(name, f"{t['value']} {t['direction']} {t['target']}: "
                     f"{'met' if t['met'] else 'NOT MET'}") for name, t in targets.items()]
     print_table(f"decode ({decode_path}) -> {path}", rows)

@@ -132,7 +132,7 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     info.add_argument("--dtype", default=None, help="float32, bfloat16 or float16")
     info.add_argument("--quantize", default="none", help="none, int8 or nf4")
-    info.add_argument("--decode", default=None, choices=("fused", "eager"),
+    info.add_argument("--decode", default=None, choices=("fused", "eager", "compiled"),
                       help="the engine.decode setting to check (default: the engine's)")
     info.add_argument("--perplexity", action="store_true", help="also measure perplexity")
     info.add_argument("--json", action="store_true", help="machine-readable output")

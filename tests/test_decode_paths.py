@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch._dynamo.utils import counters
 
 from server.basemodel import load_base_model
 from server.engine.config import EngineConfig
@@ -130,7 +131,8 @@ def test_quantized_base_decodes_on_the_eager_path_and_says_why(tiny_model_dir: P
 
 
 def test_unknown_decode_setting_is_refused() -> None:
-    with pytest.raises(InvalidOption, match="decode must be one of fused, eager, got 'fast'"):
+    message = "decode must be one of fused, eager, compiled, got 'fast'"
+    with pytest.raises(InvalidOption, match=message):
         EngineConfig(decode="fast")
 
 
@@ -140,3 +142,42 @@ def test_model_info_shows_the_decode_path(tiny_model_dir: Path) -> None:
          "--dtype", "float32"], capture_output=True, text=True, timeout=300,
         env=dict(os.environ, HF_HUB_OFFLINE="1"), cwd=REPO_ROOT, check=True)
     assert "decode path" in out.stdout and "fused (" in out.stdout
+
+
+def test_compiled_path_matches_eager_once_its_graphs_are_ready(tiny_model_dir: Path,
+                                                               tmp_path: Path) -> None:
+    """Graphs build in the background (the fused path serves meanwhile); once ready, the
+    32 mixed requests through them give the eager path's tokens and logits."""
+    adapters = [make_random_adapter(tiny_model_dir, tmp_path / f"a{i}", rank, targets, seed=i,
+                                    b_std=0.5)
+                for i, (rank, targets) in enumerate(SPECS)]
+    eager, _ = run_requests(tiny_model_dir, adapters, "eager", 8)
+    loaded = load_base_model(tiny_model_dir, dtype="float32")
+    engine = Engine(loaded.model, loaded.tokenizer, EngineConfig(
+        max_batch_size=12, max_model_len=160, max_loras=4, max_lora_rank=16,
+        max_num_batched_tokens=64, prefill_chunk_size=24, decode="compiled",
+        compiled_batch_sizes=(4,)))
+    try:
+        assert engine.decode_path == "compiled"
+        compiled = engine.runner.compiled  # type: ignore[attr-defined]
+        assert compiled.buckets == [4, 12]
+        for slot, path in enumerate(adapters):
+            engine.slots.load(slot, read_peft_adapter(path))
+        variants = [compiled.variant(rows, adapted) for rows in (4, 12)
+                    for adapted in (False, True)]
+        assert compiled.wait_ready(variants, timeout=900), compiled.failures
+        frames = dict(counters["frames"])
+        handles = [engine.submit(r) for r in mixed_requests(loaded.tokenizer, 8)]
+        fused = [h.result(timeout=600) for h in handles]
+        # Serving compiled nothing: rows at new context lengths reused the graphs.
+        assert dict(counters["frames"]) == frames
+        # Pure decode steps went through the graphs (prefill steps stay fused).
+        assert compiled.steps_run >= 5, compiled.steps_run
+    finally:
+        engine.stop()
+    for ref, ours in zip(eager, fused, strict=True):
+        assert_same_greedy(ref.token_ids, top2_margins(ref.logits), ours.token_ids)
+    worst = max(float((a - b).abs().max())
+                for ref, ours in zip(eager, fused, strict=True) if ref.token_ids == ours.token_ids
+                for a, b in zip(ref.logits, ours.logits, strict=True))
+    assert worst <= 1e-3, f"compiled and eager logits differ by {worst:.2e}"

@@ -84,6 +84,11 @@ def run_oracle(
         for slot, (name, path) in enumerate(adapters.items()):
             engine.slots.load(slot, read_peft_adapter(path))
             slot_of[name] = slot
+        compiled = getattr(engine.runner, "compiled", None)
+        if decode == "compiled":  # every case decodes in one batch: build that graph first
+            assert compiled is not None
+            variant = compiled.variant(len(CASES), adapted=True)
+            assert compiled.wait_ready([variant], timeout=1800), compiled.failures
 
         def request(case_index: int, forced: list[int] | None) -> GenerationRequest:
             name, scale, p = CASES[case_index]
@@ -115,13 +120,15 @@ def run_oracle(
             assert_same_greedy(ref.tokens, ref.margins(), handle.result(timeout=600).token_ids)
             for ref, handle in zip(refs, handles, strict=True)
         )
+        if compiled is not None:
+            assert compiled.steps_run > 0, "no step went through the compiled graph"
         return {"max_abs_logit_diff": worst, "scale0_vs_base": scale0,
                 "fragile_divergences": fragile}
     finally:
         engine.stop()
 
 
-@pytest.mark.parametrize("decode", ["fused", "eager"])
+@pytest.mark.parametrize("decode", ["fused", "eager", "compiled"])
 def test_oracle_tiny_fp32(decode: str, tiny_model_dir: Path, tmp_path: Path) -> None:
     adapters = make_adapters(tiny_model_dir, tmp_path, b_std=0.5)
     served = load_base_model(tiny_model_dir, dtype="float32")
@@ -139,7 +146,8 @@ def test_oracle_tiny_nf4(tiny_model_dir: Path, tmp_path: Path) -> None:
     print("tiny nf4 oracle:", stats)
 
 
-@pytest.mark.parametrize("decode", ["fused", "eager"])
+@pytest.mark.parametrize("decode", [
+    "fused", "eager", pytest.param("compiled", marks=pytest.mark.slow)])
 def test_oracle_default_fp32(decode: str, default_model: LoadedBaseModel,
                              tmp_path: Path) -> None:
     adapters = make_adapters(Path(default_model.info.model_path), tmp_path, b_std=0.02)

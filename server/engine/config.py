@@ -7,7 +7,7 @@ from dataclasses import dataclass, fields
 from server.basemodel.loader import LORA_TARGET_MODULES
 from server.errors import InvalidOption
 
-DECODE_PATHS = ("fused", "eager")
+DECODE_PATHS = ("fused", "eager", "compiled")
 
 
 @dataclass(frozen=True)
@@ -39,7 +39,14 @@ class EngineConfig:
     decode: str = "fused"
     """How a step runs the model: ``fused`` (fused projections on prepacked GEMM kernels,
     server/engine/fused.py) or ``eager`` (the model's own modules, one per projection).
-    A base the fused path cannot run (a quantized one) decodes eagerly, and says why."""
+    A base the fused path cannot run (a quantized one) decodes eagerly, and says why.
+    ``compiled`` (CPU only) also builds inductor graphs of the pure decode step in the
+    background, 2-3.5 minutes of CPU each here, and uses each once ready: measured 2x
+    faster than ``fused`` for one row, 1.1x for 16, slower for 64 (docs/benchmarks.md)."""
+    compiled_batch_sizes: tuple[int, ...] = (1, 16)
+    """Batch buckets the ``compiled`` path builds graphs for (rows are padded up to the
+    next one; a step above the largest runs fused). One graph per bucket and loaded LoRA
+    shape."""
 
     def __post_init__(self) -> None:
         for f in fields(self):
@@ -56,6 +63,8 @@ class EngineConfig:
                 f"engine setting decode must be one of {', '.join(DECODE_PATHS)}, "
                 f"got {self.decode!r}"
             )
+        if not all(isinstance(b, int) and b > 0 for b in self.compiled_batch_sizes):
+            raise InvalidOption("engine setting compiled_batch_sizes must hold integers > 0")
         unknown = set(self.target_modules) - set(LORA_TARGET_MODULES)
         if unknown:
             raise InvalidOption(

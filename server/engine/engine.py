@@ -30,6 +30,7 @@ from typing import Any
 
 import torch
 
+from server.engine.compiled import CompiledDecoder
 from server.engine.config import EngineConfig
 from server.engine.detokenizer import IncrementalDetokenizer
 from server.engine.forward import BatchedLlama, Segment, StepInput
@@ -100,11 +101,14 @@ class Engine:
         self.slots: LoraSlots = attach_multi_lora(
             model, cfg.target_modules, cfg.max_loras, cfg.max_lora_rank
         )
-        self.runner: BatchedLlama = (
-            FusedLlama(model, cfg.max_batch_size, cfg.max_model_len)
-            if self.decode_path == "fused"
-            else BatchedLlama(model, cfg.max_batch_size, cfg.max_model_len)
-        )
+        self.runner: BatchedLlama
+        if self.decode_path == "eager":
+            self.runner = BatchedLlama(model, cfg.max_batch_size, cfg.max_model_len)
+        else:
+            fused = FusedLlama(model, cfg.max_batch_size, cfg.max_model_len)
+            if self.decode_path == "compiled":
+                fused.compiled = CompiledDecoder(fused, self.slots, cfg.compiled_batch_sizes)
+            self.runner = fused
         self.cache = self.runner.cache
         self.vocab_size = int(self.runner.model.config.vocab_size)
         self.eos_ids = _eos_ids(model, tokenizer)
@@ -160,6 +164,9 @@ class Engine:
             self._cond.notify_all()
         if self._thread.is_alive():
             self._thread.join(timeout)
+        compiled = getattr(self.runner, "compiled", None)
+        if compiled is not None:
+            compiled.close()
 
     def stats(self) -> dict[str, int]:
         """Gauges for introspection and tests; all zero-leak checks read these."""
@@ -448,6 +455,11 @@ def choose_decode_path(model: torch.nn.Module, requested: str) -> tuple[str, str
         return "eager", f"eager ({requested} unavailable: {reason})"
     head: Any = model.lm_head
     kernel = "oneDNN prepacked" if onednn_available(head.weight) else "aten"
+    if requested == "compiled":
+        if head.weight.device.type != "cpu":
+            return "fused", f"fused ({kernel} GEMMs; compiled unavailable: CPU only so far)"
+        return "compiled", (f"compiled (inductor graphs built in the background; fused "
+                            f"with {kernel} GEMMs until each is ready)")
     return requested, f"{requested} ({kernel} GEMMs)"
 
 

@@ -43,6 +43,14 @@ class StepInput:
     logit_rows: list[int]  # indexes into segments whose last token needs logits
 
 
+def kv_write_index(rows: torch.Tensor, positions: torch.Tensor, kv_heads: int,
+                   max_len: int) -> torch.Tensor:
+    """Where each (token, KV head) lands in a layer's cache viewed as ``[rows * kv_heads *
+    max_len, head_dim]``: one ``index_copy_`` writes a whole step's keys (or values)."""
+    offsets = torch.arange(kv_heads, device=rows.device) * max_len
+    return ((rows * kv_heads * max_len + positions)[:, None] + offsets).reshape(-1)
+
+
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     half = x.shape[-1] // 2
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
@@ -87,6 +95,23 @@ class _AttentionPlan:
             q_pos = torch.arange(seg.position, total, device=device)
             keys = torch.arange(total, device=device)
             self.prefill_masks.append(keys[None, :] <= q_pos[:, None])  # [n, total]
+
+
+def prefill_attention(out: torch.Tensor, q: torch.Tensor, keys: torch.Tensor,
+                      values: torch.Tensor, plan: _AttentionPlan, scale: float) -> torch.Tensor:
+    """Attention of each prefill chunk over its own row (``out``'s chunk rows written)."""
+    gqa = q.shape[1] != keys.shape[1]
+    for seg, mask in zip(plan.prefill, plan.prefill_masks, strict=True):
+        end = seg.position + seg.length
+        q_p = q[seg.start : seg.start + seg.length].transpose(0, 1)[None]  # [1,H,n,hd]
+        k_p = keys[seg.kv_row : seg.kv_row + 1, :, :end].to(q.dtype)
+        v_p = values[seg.kv_row : seg.kv_row + 1, :, :end].to(q.dtype)
+        o = F.scaled_dot_product_attention(
+            q_p, k_p, v_p, attn_mask=mask, is_causal=mask is None, scale=scale,
+            enable_gqa=gqa,
+        )
+        out[seg.start : seg.start + seg.length] = o[0].transpose(0, 1)
+    return out
 
 
 class BatchedLlama:
@@ -173,14 +198,4 @@ class BatchedLlama:
                 scale=scale, enable_gqa=gqa,
             )
             out.index_copy_(0, plan.decode_tokens, o.squeeze(2))
-        for seg, mask in zip(plan.prefill, plan.prefill_masks, strict=True):
-            end = seg.position + seg.length
-            q_p = q[seg.start : seg.start + seg.length].transpose(0, 1)[None]  # [1,H,n,hd]
-            k_p = keys[seg.kv_row : seg.kv_row + 1, :, :end].to(q.dtype)
-            v_p = values[seg.kv_row : seg.kv_row + 1, :, :end].to(q.dtype)
-            o = F.scaled_dot_product_attention(
-                q_p, k_p, v_p, attn_mask=mask, is_causal=mask is None, scale=scale,
-                enable_gqa=gqa,
-            )
-            out[seg.start : seg.start + seg.length] = o[0].transpose(0, 1)
-        return out
+        return prefill_attention(out, q, keys, values, plan, scale)

@@ -23,15 +23,24 @@ stays the ``eager`` path; the oracle tests run on both.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from server.engine.forward import BatchedLlama, StepInput, _AttentionPlan
+from server.engine.forward import (
+    BatchedLlama,
+    StepInput,
+    _AttentionPlan,
+    kv_write_index,
+    prefill_attention,
+)
 from server.engine.multi_lora import MultiLoraLinear
 from server.engine.packed_linear import PackedLinear
+
+if TYPE_CHECKING:
+    from server.engine.compiled import CompiledDecoder
 
 FUSED_GROUPS: dict[str, tuple[str, ...]] = {
     "qkv": ("q_proj", "k_proj", "v_proj"),
@@ -125,11 +134,8 @@ class _StepIndexes(_AttentionPlan):
         super().__init__(step, step.input_ids.device)
         self.cos = runner.cos[self.positions].unsqueeze(1)  # [tokens, 1, head_dim]
         self.sin = runner.sin_signed[self.positions].unsqueeze(1)
-        # Flat row of (token, kv head) in a layer's cache viewed as [rows*heads*len, hd].
-        heads, length = runner.num_kv_heads, runner.cache.max_len
-        head_offsets = torch.arange(heads, device=self.positions.device) * length
-        self.kv_index = ((self.token_rows * heads * length + self.positions)[:, None]
-                         + head_offsets).reshape(-1)
+        self.kv_index = kv_write_index(self.token_rows, self.positions, runner.num_kv_heads,
+                                       runner.cache.max_len)
         starts = [s.start for s in step.segments if s.length == 1]
         self.decode_count = len(starts)
         self.decode_is_prefix = starts == list(range(len(starts)))
@@ -184,10 +190,16 @@ class FusedLlama(BatchedLlama):
             # rotate_half(x) * sin == roll(x, half) * [-sin_1, sin_2]: one op, not four.
             self.sin_signed = torch.cat((-sin[0, :, :half], sin[0, :, half:]), dim=-1)
         self.backend = self.layers[0].qkv.backend
+        self.compiled: CompiledDecoder | None = None
+        """Set on the ``compiled`` path: pure decode steps go through its graphs."""
 
     @torch.inference_mode()
     def forward(self, step: StepInput) -> torch.Tensor:
         """Logits ``[len(step.logit_rows), vocab]`` for the last token of those rows."""
+        if self.compiled is not None:
+            logits = self.compiled.try_run(step)
+            if logits is not None:
+                return logits
         idx = _StepIndexes(self, step)
         hidden = self.inner.embed_tokens(step.input_ids)  # [tokens, hidden]
         tokens = hidden.shape[0]
@@ -235,22 +247,11 @@ class FusedLlama(BatchedLlama):
         if not idx.prefill and idx.decode_is_prefix:
             return self._decode_attention(q, keys, values, idx, scale)
         out = torch.empty_like(q)
-        gqa = self.num_heads != self.num_kv_heads
         if idx.decode_tokens is not None:
             o = self._decode_attention(q.index_select(0, idx.decode_tokens), keys, values,
                                        idx, scale)
             out.index_copy_(0, idx.decode_tokens, o)
-        for seg, mask in zip(idx.prefill, idx.prefill_masks, strict=True):
-            end = seg.position + seg.length
-            q_p = q[seg.start : seg.start + seg.length].transpose(0, 1)[None]  # [1,H,n,hd]
-            k_p = keys[seg.kv_row : seg.kv_row + 1, :, :end].to(q.dtype)
-            v_p = values[seg.kv_row : seg.kv_row + 1, :, :end].to(q.dtype)
-            o = F.scaled_dot_product_attention(
-                q_p, k_p, v_p, attn_mask=mask, is_causal=mask is None, scale=scale,
-                enable_gqa=gqa,
-            )
-            out[seg.start : seg.start + seg.length] = o[0].transpose(0, 1)
-        return out
+        return prefill_attention(out, q, keys, values, idx, scale)
 
     def _decode_attention(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
                           idx: _StepIndexes, scale: float) -> torch.Tensor:

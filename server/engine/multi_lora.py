@@ -284,6 +284,9 @@ class LoraSlots:
     def is_loaded(self, slot: int) -> bool:
         return 0 <= slot < self.num_slots and self._ranks[slot] > 0
 
+    def max_loaded_rank(self) -> int:
+        return max(self._ranks)
+
     def loaded(self) -> list[int]:
         return [slot for slot in range(self.num_slots) if self._ranks[slot] > 0]
 
