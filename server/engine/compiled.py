@@ -23,17 +23,15 @@ import queue
 import threading
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from server.engine.forward import StepInput, kv_write_index
+from server.engine.fused import FUSED_GROUPS, FusedLlama, _base_linear, _fused_weight
 from server.engine.multi_lora import LoraSlots, MultiLoraLinear
-
-if TYPE_CHECKING:
-    from server.engine.fused import FusedLlama
 
 log = logging.getLogger(__name__)
 
@@ -47,8 +45,6 @@ class _DecodeGraph(nn.Module):
 
     def __init__(self, runner: FusedLlama, kinds: tuple[str, ...], rank: int) -> None:
         super().__init__()
-        from server.engine.fused import FUSED_GROUPS, _base_linear, _fused_weight
-
         inner = runner.inner
 
         def frozen(t: torch.Tensor) -> nn.Parameter:
@@ -190,8 +186,6 @@ class CompiledDecoder:
         return (bucket, self.slots.max_loaded_rank(), tuple(self._kinds_in_use()))
 
     def _kinds_in_use(self) -> list[str]:
-        from server.engine.fused import FUSED_GROUPS
-
         used = {name.rsplit(".", 1)[-1] for name, layer in self.slots.layers.items()
                 if layer.max_rank}
         return [kind for kinds in FUSED_GROUPS.values() for kind in kinds if kind in used]

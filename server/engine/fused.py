@@ -189,7 +189,6 @@ class FusedLlama(BatchedLlama):
             self.cos = cos[0].contiguous()  # [max_len, head_dim]
             # rotate_half(x) * sin == roll(x, half) * [-sin_1, sin_2]: one op, not four.
             self.sin_signed = torch.cat((-sin[0, :, :half], sin[0, :, half:]), dim=-1)
-        self.backend = self.layers[0].qkv.backend
         self.compiled: CompiledDecoder | None = None
         """Set on the ``compiled`` path: pure decode steps go through its graphs."""
 

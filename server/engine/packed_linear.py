@@ -40,7 +40,3 @@ class PackedLinear:
         if self.onednn:
             return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
         return F.linear(x, self.weight, self.bias)
-
-    @property
-    def backend(self) -> str:
-        return "onednn" if self.onednn else "aten"
