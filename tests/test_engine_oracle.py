@@ -78,6 +78,8 @@ def run_oracle(
     engine = Engine(served.model, tokenizer, EngineConfig(
         max_batch_size=len(CASES), max_model_len=128, max_loras=4, max_lora_rank=16,
         decode=decode,
+        # one bucket: the compile thread builds its base graph, then the adapted one
+        compiled_batch_sizes=(len(CASES),),
     ))
     try:
         slot_of = {}
