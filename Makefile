@@ -12,7 +12,7 @@ export TOKENIZERS_PARALLELISM := false
 .PHONY: help setup test test-slow lint typecheck bench soak clean-venv protos serve train eval reproduce
 
 help:
-	@echo "make serve      start the gRPC server (server/config.yaml; ARGS='--port 50052' to override)"
+	@echo "make serve      start the server: gRPC :50051 and the OpenAI-compatible HTTP API :8000 (server/config.yaml; ARGS='--port 50052 --http-port 8001')"
 	@echo "make train ADAPTER=wuyu  train adapters/wuyu/train.yaml (or CONFIG=...), evaluate, publish"
 	@echo "make eval [ADAPTER=wuyu]  test-set chrF/BLEU of the shipped adapters vs baselines"
 	@echo "make reproduce ADAPTER=wuyu  retrain a shipped adapter from its committed config"

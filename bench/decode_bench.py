@@ -275,7 +275,7 @@ def grpc_single_call(workdir: Path, decode: str = "fused") -> dict[str, Any]:
     prompts.write_text(README_UTTERANCE + "\n", encoding="utf-8")
     log_path = workdir / f"server-{decode}.log"
     started = time.perf_counter()
-    server = spawn_server(["--port", "0", "--metrics-port", "-1", "--set",
+    server = spawn_server(["--port", "0", "--metrics-port", "-1", "--http-port", "-1", "--set",
                            f"engine.decode={decode}"], log_path)
     serving_s = time.perf_counter() - started
 

@@ -47,7 +47,15 @@ class PromptTemplateError(SwitchboardError):
 
 
 class InvalidRequest(SwitchboardError):
-    """A generation request has a field outside its allowed range; the message names it."""
+    """A generation request has a field outside its allowed range; the message names it.
+
+    ``param`` is that field's name where one field is at fault (the HTTP API reports it
+    in the OpenAI error body; each front-end renames it to its own field names).
+    """
+
+    def __init__(self, message: str, param: str | None = None) -> None:
+        super().__init__(message)
+        self.param = param
 
 
 class QueueFull(SwitchboardError):
@@ -132,3 +140,15 @@ class Unauthenticated(SwitchboardError):
 
 class PermissionDenied(SwitchboardError):
     """A call's key is valid but not for this rpc (admin rpcs need the admin key)."""
+
+
+class DeadlineExceeded(SwitchboardError):
+    """The caller's deadline passed before the call finished."""
+
+
+class CallCancelled(SwitchboardError):
+    """The call was cancelled (by its client, or when its engine row was ended)."""
+
+
+class InternalError(SwitchboardError):
+    """A bug or an unexpected failure; the message holds the request id, never a traceback."""

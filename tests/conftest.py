@@ -78,3 +78,43 @@ def live_server(tiny_model_dir: Path, service_library):
     server = start_server(server_config(tiny_model_dir, root, routing))
     yield server
     server.stop()
+
+
+@pytest.fixture(scope="session")
+def oracle(tiny_model_dir: Path, service_library):
+    """PEFT over the tiny model with the service library's adapters."""
+    from transformers import AutoModelForCausalLM
+
+    from tests.lora_helpers import PeftOracle
+
+    _, _, library = service_library
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    return PeftOracle(model, library)
+
+
+@pytest.fixture(scope="session")
+def expected(oracle, tokenizer):
+    """Reference text for (adapter, utterance, max_new_tokens, scale): PEFT alone, greedy,
+    with the adapter's template and default scale; and its prefix before the first
+    near-tie step (see ``service_fixtures.assert_matches``)."""
+    from server.formats.prompt import build_prompt
+    from tests.lora_helpers import MARGIN
+    from tests.service_fixtures import SCALES, TEMPLATES
+
+    memo: dict = {}
+    eos = tokenizer.eos_token_id
+
+    def reference(adapter: str | None, text: str, max_new_tokens: int = 8,
+                  scale: float | None = None) -> tuple[str, str]:
+        key = (adapter, text, max_new_tokens, scale)
+        if key not in memo:
+            prompt = build_prompt(TEMPLATES[adapter], text, tokenizer)
+            run = oracle.greedy(prompt, adapter, SCALES.get(adapter, 1.0) if scale is None
+                                else scale, max_new_tokens)
+            tokens = [t for t in run.tokens if t != eos]
+            margins = run.margins()
+            unsure = next((i for i, m in enumerate(margins) if m < MARGIN), len(tokens))
+            memo[key] = (tokenizer.decode(tokens), tokenizer.decode(tokens[:unsure]))
+        return memo[key]
+
+    return reference

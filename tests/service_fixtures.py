@@ -29,6 +29,11 @@ from tests.support import (
 WUYU_TEMPLATE = "Translate Wu dialect to English: {text}\n"
 CANTONESE_TEMPLATE = "Translate Cantonese to English: {text}\n"
 TABLE_TEMPLATE = "Translate to English: {text}\n"
+UTTERANCE = "侬今朝吃饭伐?"
+TEMPLATES = {"wuyu": WUYU_TEMPLATE, "cantonese": CANTONESE_TEMPLATE, None: TABLE_TEMPLATE,
+             "plain": TABLE_TEMPLATE}
+SCALES = {"wuyu": 0.8, "cantonese": 1.0, "plain": 1.0}
+"""Each library adapter's default scale (its manifest's; 1.0 without one)."""
 
 ROUTING_YAML = f"""
 default: base
@@ -71,11 +76,18 @@ def make_library(root: Path, base_dir: Path, fingerprint: str) -> dict[str, Path
     return library
 
 
+def assert_matches(text: str, reference: tuple[str, str]) -> None:
+    """The Engine's tolerance rule on text: equal, or equal up to a near-tie step."""
+    full, sure = reference
+    assert text == full or (sure != full and text.startswith(sure)), (text, full)
+
+
 def server_config(base_dir: Path, root: Path, routing: Path, **changes: Any) -> ServerConfig:
     engine = changes.pop("engine", EngineConfig(
         max_batch_size=16, max_queue_size=64, max_model_len=256, max_loras=4,
         max_lora_rank=16, max_new_tokens_limit=64, aging_limit_s=0.5))
-    config = ServerConfig(host="127.0.0.1", port=0, metrics_port=0, base_model=str(base_dir),
+    config = ServerConfig(host="127.0.0.1", port=0, metrics_port=0, http_port=0,
+                          base_model=str(base_dir),
                           adapter_roots=(str(root),), preload=("all",),
                           routing_table=str(routing), default_max_new_tokens=8,
                           poll_interval_s=3600.0, grace_period_s=10.0, engine=engine)

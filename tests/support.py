@@ -88,6 +88,8 @@ class SpawnedServer(NamedTuple):
     address: str
     metrics_url: str
     """Empty when the server exports no metrics (``--metrics-port -1``)."""
+    http_url: str = ""
+    """The OpenAI-compatible API's base URL; empty when it is off (``--http-port -1``)."""
 
 
 def spawn_server(args: list[str], log_path: Path, timeout: float = 300.0) -> SpawnedServer:
@@ -111,9 +113,11 @@ def spawn_server(args: list[str], log_path: Path, timeout: float = 300.0) -> Spa
     if not serving:
         process.kill()
         raise AssertionError("server did not start:\n" + log_path.read_text()[-3000:])
-    # "switchboard: serving on HOST:PORT[, metrics on URL]"
-    address, _, metrics = serving[0].split("serving on ")[1].partition(", metrics on ")
-    return SpawnedServer(process, address.strip(), metrics.strip())
+    # "switchboard: serving on HOST:PORT[, metrics on URL][, OpenAI API on URL]"
+    parts = serving[0].split("serving on ")[1].split(", ")
+    found = {part.split(" on ")[0]: part.split(" on ")[-1] for part in parts[1:]}
+    return SpawnedServer(process, parts[0].strip(), found.get("metrics", ""),
+                         found.get("OpenAI API", ""))
 
 
 def malformed_requests() -> list[tuple[str, pb.GenerateRequest, str]]:

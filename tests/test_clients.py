@@ -118,7 +118,8 @@ def test_cli_errors_are_one_line_with_the_status_as_exit_code(live_server, capsy
 def test_queue_full_is_retried_until_admitted(small_queue):
     engine = small_queue.engine
     registry = small_queue.server.metrics.registry
-    labels = {"adapter": "(none)", "route": "none", "status": "RESOURCE_EXHAUSTED"}
+    labels = {"adapter": "(none)", "route": "none", "status": "RESOURCE_EXHAUSTED",
+              "protocol": "grpc"}
 
     def refused() -> float:
         return registry.get_sample_value("switchboard_requests_total", labels) or 0.0

@@ -23,8 +23,9 @@ def test_loadtest_200_requests_at_concurrency_16_has_no_errors(tmp_path, default
     for seed, name in enumerate(("wuyu", "cantonese")):
         make_random_adapter(default_model.model, root / name, 8, ("q_proj", "v_proj"), seed)
         add_manifest(root / name, default_model.base_fingerprint, dialect=name)
-    process, address, _ = spawn_server(["--port", "0", "--metrics-port", "-1", "--adapters",
-                                     str(root)], tmp_path / "server.log")
+    process, address, *_ = spawn_server(["--port", "0", "--metrics-port", "-1",
+                                         "--http-port", "-1", "--adapters", str(root)],
+                                        tmp_path / "server.log")
     try:
         result = subprocess.run(
             [sys.executable, "-m", "clients.cli", "loadtest", "--target", address,

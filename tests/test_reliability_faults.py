@@ -224,6 +224,7 @@ EXIT_MARGIN_S = 5.0
 PROCESS_CONFIG = """
 port: 0
 metrics_port: -1
+http_port: -1
 base_model: {base}
 adapter_roots: [{root}]
 preload: []
@@ -242,7 +243,7 @@ def _process(tmp_path: Path, tiny_model_dir: Path, grace: float):
     config = tmp_path / "config.yaml"
     config.write_text(PROCESS_CONFIG.format(base=tiny_model_dir, root=root, grace=grace))
     log_path = tmp_path / "server.log"
-    process, address, _ = spawn_server(["--config", str(config)], log_path)
+    process, address, *_ = spawn_server(["--config", str(config)], log_path)
     return process, address, root, log_path
 
 

@@ -10,60 +10,23 @@ from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 import pytest
-import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
     ProtoReflectionDescriptorDatabase,
 )
 from prometheus_client.parser import text_string_to_metric_families
-from transformers import AutoModelForCausalLM
 
 from protos.switchboard.v1 import switchboard_pb2 as pb
 from server.formats.prompt import build_prompt, render_prompt
 from server.service.logs import JsonFormatter, TextFormatter
-from tests.lora_helpers import MARGIN, PeftOracle
 from tests.polling import wait_for
-from tests.service_fixtures import CANTONESE_TEMPLATE, TABLE_TEMPLATE, WUYU_TEMPLATE
-
-UTTERANCE = "侬今朝吃饭伐?"
-TEMPLATES = {"wuyu": WUYU_TEMPLATE, "cantonese": CANTONESE_TEMPLATE, None: TABLE_TEMPLATE,
-             "plain": TABLE_TEMPLATE}
-SCALES = {"wuyu": 0.8, "cantonese": 1.0, "plain": 1.0}
-
-
-@pytest.fixture(scope="module")
-def oracle(tiny_model_dir, service_library):
-    _, _, library = service_library
-    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
-    return PeftOracle(model, library)
-
-
-@pytest.fixture(scope="module")
-def expected(oracle, tokenizer):
-    """Reference text for (adapter, utterance, max_new_tokens): PEFT alone, greedy."""
-    memo: dict = {}
-    eos = tokenizer.eos_token_id
-
-    def reference(adapter: str | None, text: str, max_new_tokens: int = 8,
-                  scale: float | None = None) -> tuple[str, str]:
-        key = (adapter, text, max_new_tokens, scale)
-        if key not in memo:
-            prompt = build_prompt(TEMPLATES[adapter], text, tokenizer)
-            run = oracle.greedy(prompt, adapter, SCALES.get(adapter, 1.0) if scale is None
-                                else scale, max_new_tokens)
-            tokens = [t for t in run.tokens if t != eos]
-            margins = run.margins()
-            unsure = next((i for i, m in enumerate(margins) if m < MARGIN), len(tokens))
-            memo[key] = (tokenizer.decode(tokens), tokenizer.decode(tokens[:unsure]))
-        return memo[key]
-
-    return reference
-
-
-def assert_matches(text: str, reference: tuple[str, str]) -> None:
-    """The Engine's tolerance rule on text: equal, or equal up to a near-tie step."""
-    full, sure = reference
-    assert text == full or (sure != full and text.startswith(sure)), (text, full)
+from tests.service_fixtures import (
+    SCALES,
+    TEMPLATES,
+    UTTERANCE,
+    WUYU_TEMPLATE,
+    assert_matches,
+)
 
 
 def request(**fields) -> pb.GenerateRequest:
@@ -278,7 +241,8 @@ def test_deadline_exceeded_and_the_row_leaves(live_server):
 def test_cancelled_stream_leaves_within_one_step(live_server):
     engine = live_server.engine
     metrics = live_server.server.metrics.registry
-    labels = {"adapter": "wuyu", "route": "explicit", "status": "CANCELLED"}
+    labels = {"adapter": "wuyu", "route": "explicit", "status": "CANCELLED",
+              "protocol": "grpc"}
 
     def cancelled() -> float:
         return metrics.get_sample_value("switchboard_requests_total", labels) or 0.0
@@ -396,7 +360,8 @@ def scrape(live_server) -> dict[tuple[str, tuple], float]:
 def test_metrics_page_parses_and_counts_the_calls(live_server):
     def requests(samples, adapter, route, status):
         key = ("switchboard_requests_total",
-               (("adapter", adapter), ("route", route), ("status", status)))
+               (("adapter", adapter), ("protocol", "grpc"), ("route", route),
+                ("status", status)))
         return samples.get(key, 0.0)
 
     stub = live_server.stub()
@@ -423,7 +388,7 @@ def test_metrics_page_parses_and_counts_the_calls(live_server):
                   "switchboard_adapter_load_seconds_count"):
         assert (gauge, ()) in after, gauge
     labels = {label for (_, pairs) in after for label, _ in pairs}
-    assert labels <= {"adapter", "route", "status", "le"}  # nothing about callers
+    assert labels <= {"adapter", "route", "status", "protocol", "le"}  # nothing about callers
 
 
 def test_log_line_holds_no_utterance_and_no_full_caller_number(live_server, caplog):

@@ -4,9 +4,11 @@ each on its own live server (tiny model)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import shutil
 import subprocess
 import threading
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
@@ -112,9 +114,9 @@ def test_queue_full_is_resource_exhausted_and_the_rest_complete(guarded):
         gate.set()
 
 
-def test_health_is_not_serving_until_loaded(tiny_model_dir, service_library):
-    """Start-up: the port answers at once, NOT_SERVING (and UNAVAILABLE for calls) while
-    the model loads; SERVING after. The load is held on an event to observe that state."""
+@contextlib.contextmanager
+def held_server(tiny_model_dir, service_library) -> Iterator[tuple[LiveServer, threading.Event]]:
+    """A server whose port is bound but whose model load waits for the yielded event."""
     root, routing, _ = service_library
     loop = asyncio.new_event_loop()
     release, bound = threading.Event(), threading.Event()
@@ -137,6 +139,16 @@ def test_health_is_not_serving_until_loaded(tiny_model_dir, service_library):
     live = LiveServer(server, loop, thread)
     try:
         assert bound.wait(60)
+        yield live, release
+    finally:
+        release.set()
+        live.stop()
+
+
+def test_health_is_not_serving_until_loaded(tiny_model_dir, service_library):
+    """Start-up: the port answers at once, NOT_SERVING (and UNAVAILABLE for calls) while
+    the model loads; SERVING after. The load is held on an event to observe that state."""
+    with held_server(tiny_model_dir, service_library) as (live, release):
         health = health_pb2_grpc.HealthStub(live.channel())
         reply = health.Check(health_pb2.HealthCheckRequest(), timeout=10)
         assert reply.status == health_pb2.HealthCheckResponse.NOT_SERVING
@@ -149,9 +161,6 @@ def test_health_is_not_serving_until_loaded(tiny_model_dir, service_library):
         release.set()
         wait_for(lambda: health.Check(health_pb2.HealthCheckRequest(), timeout=10).status
                  == health_pb2.HealthCheckResponse.SERVING, 60)
-    finally:
-        release.set()
-        live.stop()
 
 
 @pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl CLI")

@@ -17,6 +17,7 @@ from tests.support import spawn_server
 CONFIG = """
 port: 0
 metrics_port: -1
+http_port: 0
 base_model: default
 adapter_roots: [{root}]
 preload: []
@@ -34,7 +35,7 @@ def start_process(tmp_path: Path) -> tuple[subprocess.Popen, str, Path]:
     config = tmp_path / "config.yaml"
     config.write_text(CONFIG.format(root=tmp_path / "adapters"))
     log_path = tmp_path / "server.log"
-    process, address, _ = spawn_server(["--config", str(config)], log_path)
+    process, address, *_ = spawn_server(["--config", str(config)], log_path)
     return process, address, log_path
 
 

@@ -1,5 +1,6 @@
 """The soak (bench/soak.py) for 90 seconds: a real server on the default model under
-every call class at once; `make soak DURATION=600` is the full run."""
+every call class at once, over gRPC and the HTTP API; `make soak DURATION=600` is the
+full run."""
 
 from __future__ import annotations
 
@@ -19,3 +20,6 @@ def test_soak_90_seconds(tmp_path):
     # every class ran, and the bursts really went over the queue limit
     assert set(report["calls_by_class"]) == {*ALLOWED, "malformed"}, report["calls_by_class"]
     assert report["bursts"] and all(b["resource_exhausted"] > 0 for b in report["bursts"])
+    # a share of these classes went over the HTTP API, under the same outcome table
+    for kind in ("valid", "malformed", "cancel", "deadline"):
+        assert report["calls_by_protocol"][kind].get("http", 0) > 0, report["calls_by_protocol"]

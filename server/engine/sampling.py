@@ -45,36 +45,37 @@ class SamplingParams:
     def validate(self, max_new_tokens_limit: int) -> None:
         """Raise :class:`InvalidRequest` naming the first field out of range."""
         if isinstance(self.max_new_tokens, bool) or not isinstance(self.max_new_tokens, int):
-            raise InvalidRequest("max_new_tokens must be an integer")
+            raise InvalidRequest("max_new_tokens must be an integer", "max_new_tokens")
         if self.max_new_tokens <= 0:
-            raise InvalidRequest(f"max_new_tokens must be > 0, got {self.max_new_tokens}")
+            raise InvalidRequest(f"max_new_tokens must be > 0, got {self.max_new_tokens}",
+                                 "max_new_tokens")
         if self.max_new_tokens > max_new_tokens_limit:
             raise InvalidRequest(
-                f"max_new_tokens {self.max_new_tokens} exceeds the limit {max_new_tokens_limit}"
-            )
+                f"max_new_tokens {self.max_new_tokens} exceeds the limit {max_new_tokens_limit}",
+                "max_new_tokens")
         if not math.isfinite(self.temperature) or self.temperature < 0:
             raise InvalidRequest(
-                f"temperature must be a finite number >= 0, got {self.temperature}"
-            )
+                f"temperature must be a finite number >= 0, got {self.temperature}",
+                "temperature")
         if not math.isfinite(self.top_p) or not 0 < self.top_p <= 1:
-            raise InvalidRequest(f"top_p must be in (0, 1], got {self.top_p}")
+            raise InvalidRequest(f"top_p must be in (0, 1], got {self.top_p}", "top_p")
         if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 0:
-            raise InvalidRequest(f"top_k must be an integer >= 0, got {self.top_k}")
+            raise InvalidRequest(f"top_k must be an integer >= 0, got {self.top_k}", "top_k")
         if not math.isfinite(self.repetition_penalty) or self.repetition_penalty <= 0:
             raise InvalidRequest(
-                f"repetition_penalty must be a finite number > 0, got {self.repetition_penalty}"
-            )
+                f"repetition_penalty must be a finite number > 0, got {self.repetition_penalty}",
+                "repetition_penalty")
         if len(self.stop) > MAX_STOP_STRINGS:
             raise InvalidRequest(
-                f"at most {MAX_STOP_STRINGS} stop strings are allowed, got {len(self.stop)}"
-            )
+                f"at most {MAX_STOP_STRINGS} stop strings are allowed, got {len(self.stop)}",
+                "stop")
         for stop in self.stop:
             if not isinstance(stop, str) or not stop:
-                raise InvalidRequest("stop strings must be non-empty strings")
+                raise InvalidRequest("stop strings must be non-empty strings", "stop")
             if len(stop.encode("utf-8")) > MAX_STOP_BYTES:
                 raise InvalidRequest(
-                    f"stop string of {len(stop.encode('utf-8'))} bytes exceeds {MAX_STOP_BYTES}"
-                )
+                    f"stop string of {len(stop.encode('utf-8'))} bytes exceeds {MAX_STOP_BYTES}",
+                    "stop")
 
 
 def apply_repetition_penalty(

@@ -30,18 +30,28 @@ from grpc_reflection.v1alpha import reflection
 
 from protos.switchboard.v1 import switchboard_pb2 as pb
 from protos.switchboard.v1 import switchboard_pb2_grpc as pb_grpc
+from server.basemodel.source import DEFAULT_GGUF_NAME
 from server.errors import SwitchboardError
 from server.service.auth import KeyChecker
+from server.service.calls import CallRunner, ServiceState
 from server.service.config import DEFAULT_CONFIG_PATH, ServerConfig, load_config, parse_assignments
 from server.service.daemon_thread import run_in_daemon_thread
+from server.service.http_api import HttpApi, HttpServer
 from server.service.logs import configure_logging
 from server.service.metrics import ServiceMetrics
 from server.service.routing import RoutingTableFile
-from server.service.servicer import ServiceState, SwitchboardServicer
+from server.service.servicer import SwitchboardServicer
 
 log = logging.getLogger("switchboard.server")
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Switchboard"].full_name
+
+
+def base_model_id(source: str) -> str:
+    """The base model's name in the HTTP API (``model`` and ``/v1/models``)."""
+    if source == "default":
+        return DEFAULT_GGUF_NAME.split(".")[0]
+    return Path(source.rstrip("/")).name.removesuffix(".gguf")
 
 
 class SwitchboardServer:
@@ -49,12 +59,16 @@ class SwitchboardServer:
         self.config = config
         self.state = ServiceState()
         self.metrics = ServiceMetrics()
-        self.servicer = SwitchboardServicer(
-            self.state, KeyChecker(config.api_keys, config.admin_key), self.metrics, config)
+        self.runner = CallRunner(self.state, KeyChecker(config.api_keys, config.admin_key),
+                                 self.metrics, config)
+        self.servicer = SwitchboardServicer(self.runner)
+        self.http_api = HttpApi(self.runner, config)
+        self.http = HttpServer(self.http_api)
         self.health = health.aio.HealthServicer()
         self.server: grpc.aio.Server | None = None
         self.port = 0
         self.metrics_port = -1
+        self.http_port = -1
         self.engine: Any = None
         self.cache: Any = None
         self.watcher: Any = None
@@ -69,6 +83,13 @@ class SwitchboardServer:
     @property
     def address(self) -> str:
         return f"{self.config.host}:{self.port}"
+
+    @property
+    def http_url(self) -> str:
+        """The OpenAI-compatible API's base URL ('' when it is off)."""
+        host = self.config.host
+        host = f"[{host}]" if ":" in host else host
+        return f"http://{host}:{self.http_port}/v1" if self.http_port >= 0 else ""
 
     # -- start ---------------------------------------------------------------------------
     async def start(self) -> None:
@@ -93,9 +114,11 @@ class SwitchboardServer:
         await self.server.start()
         if cfg.metrics_port >= 0:
             self.metrics_port = self.metrics.serve(cfg.host, cfg.metrics_port)
+        if cfg.http_port >= 0:
+            self.http_port = await self.http.start(cfg.host, cfg.http_port)
         log.info("listening (not serving until loaded)", extra={"fields": {
             "address": self.address, "tls": bool(cfg.tls_cert),
-            "metrics_port": self.metrics_port}})
+            "metrics_port": self.metrics_port, "http_port": self.http_port}})
         await self._load_off_loop()
         if self.state.draining:  # told to stop while loading
             return
@@ -160,7 +183,9 @@ class SwitchboardServer:
                 return
             self.engine, self.cache, self.routing = engine, cache, routing
             self.watcher = AdapterWatcher(cache)
-            self.servicer.attach(Dispatcher(engine, cache, base.tokenizer, routing), cache)
+            self.runner.attach(Dispatcher(engine, cache, base.tokenizer, routing))
+            self.servicer.attach(cache)
+            self.http_api.attach(cache, base_model_id(base.info.source))
             self._poller = threading.Thread(target=self._poll, name="switchboard-poll",
                                             daemon=True)
             self._poller.start()
@@ -195,6 +220,7 @@ class SwitchboardServer:
             # A grace even when every call has finished: a stream's handler ends (and
             # counts as finished) before gRPC has sent its trailing OK status.
             await self.server.stop(2.0 if finished else 1.0)
+        await self.http.stop()
         self._stop_polling.set()
         if self.engine is not None:
             await asyncio.to_thread(self.engine.stop, False, 10.0)
@@ -223,7 +249,9 @@ async def serve(config: ServerConfig, announce: bool = True) -> int:
         if announce:
             print(f"switchboard: serving on {server.address}"
                   + (f", metrics on http://{config.host}:{server.metrics_port}/metrics"
-                     if server.metrics_port >= 0 else ""), flush=True)
+                     if server.metrics_port >= 0 else "")
+                  + (f", OpenAI API on {server.http_url}" if server.http_url else ""),
+                  flush=True)
         await waiter
     else:
         start.cancel()
@@ -240,6 +268,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--host", help="address to bind (default 127.0.0.1)")
     parser.add_argument("--port", type=int, help="gRPC port (0: a free one)")
     parser.add_argument("--metrics-port", type=int, help="metrics port (-1: off)")
+    parser.add_argument("--http-port", type=int,
+                        help="OpenAI-compatible HTTP API port (0: a free one; -1: off)")
     parser.add_argument("--base-model", help="default, a .gguf file or an HF folder")
     parser.add_argument("--quantize", help="none, int8 or nf4")
     parser.add_argument("--device", help="auto, cpu or cuda")
@@ -258,7 +288,7 @@ def main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv[1:])
     try:
         overrides = parse_assignments(args.set)
-        for key in ("host", "port", "metrics_port", "base_model", "quantize", "device",
+        for key in ("host", "port", "metrics_port", "http_port", "base_model", "quantize", "device",
                     "adapter_roots", "routing_table", "log_json"):
             value = getattr(args, key)
             if value is not None:

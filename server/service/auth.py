@@ -14,6 +14,14 @@ from collections.abc import Iterable
 from server.errors import PermissionDenied, Unauthenticated
 
 
+def authorization_header(metadata: Iterable[tuple[str, str | bytes]] | None) -> str | None:
+    """The ``authorization`` value among gRPC metadata, if any."""
+    for key, value in metadata or ():
+        if key.lower() == "authorization":
+            return value.decode("utf-8", "replace") if isinstance(value, bytes) else value
+    return None
+
+
 def bearer_token(metadata: Iterable[tuple[str, str | bytes]] | None) -> str | None:
     for key, value in metadata or ():
         if key.lower() == "authorization":

@@ -42,6 +42,12 @@ class ServerConfig:
     """gRPC port; 0 picks a free one (printed at start)."""
     metrics_port: int = 9400
     """Prometheus metrics over HTTP on ``host``; 0 picks a free one, -1 turns them off."""
+    http_port: int = 8000
+    """OpenAI-compatible HTTP API (``/v1/...``) on ``host``; 0 picks a free one, -1: off."""
+    http_max_body_bytes: int = 1 << 20
+    """Largest HTTP request body; a larger one gets 413."""
+    cors_origins: tuple[str, ...] = ()
+    """Origins browsers may call the HTTP API from (``*`` for any); empty: CORS off."""
     base_model: str = "default"
     """``default`` (SmolLM2-135M-Instruct), a ``.gguf`` file or an HF model folder."""
     device: str = "auto"
@@ -84,17 +90,21 @@ class ServerConfig:
     """The engine's settings (see ``server/engine/config.py``)."""
 
     def __post_init__(self) -> None:
-        for name in ("port", "metrics_port"):
+        for name in ("port", "metrics_port", "http_port"):
             value = getattr(self, name)
             if not -1 <= value <= 65535 or (name == "port" and value < 0):
                 raise InvalidOption(f"setting {name} must be a port number, got {value}")
-        for name in ("max_cpu_adapters", "default_max_new_tokens", "max_message_bytes"):
+        for name in ("max_cpu_adapters", "default_max_new_tokens", "max_message_bytes",
+                     "http_max_body_bytes"):
             if getattr(self, name) <= 0:
                 raise InvalidOption(f"setting {name} must be > 0, got {getattr(self, name)}")
         for name in ("poll_interval_s", "grace_period_s"):
             value = getattr(self, name)
             if not math.isfinite(value) or not 0 < value <= 86400:
                 raise InvalidOption(f"setting {name} must be in (0, 86400] seconds, got {value}")
+        if self.http_max_body_bytes > MAX_MESSAGE_BYTES:
+            raise InvalidOption(f"setting http_max_body_bytes must be <= {MAX_MESSAGE_BYTES}, "
+                                f"got {self.http_max_body_bytes}")
         if self.max_message_bytes > MAX_MESSAGE_BYTES:
             raise InvalidOption(f"setting max_message_bytes must be <= {MAX_MESSAGE_BYTES}, "
                                 f"got {self.max_message_bytes}")

@@ -1,25 +1,19 @@
 """Protobuf ⇄ plain types. Protobuf goes no deeper than this module and the servicer.
 
-``parse_generate`` validates every field of a request and names the first bad one in an
-``InvalidRequest`` (INVALID_ARGUMENT); error messages quote at most a short slice.
+``call_fields`` only reads a request; ``calls.validate_call`` checks every field (the
+same rules for the HTTP API) and names the first bad one.
 """
 
 from __future__ import annotations
 
-import math
-import re
+from typing import Any
 
 from protos.switchboard.v1 import switchboard_pb2 as pb
 from server.adapters.cache import AdapterInfo
-from server.engine.request import FinishReason, GenerationResult, new_request_id
-from server.engine.sampling import SamplingParams
-from server.errors import InvalidRequest, quote
-from server.formats.manifest import ADAPTER_NAME_RE
-from server.service.dispatch import CHAT_ROLES, Call, Dispatched, InputKind, TemplateSource
+from server.engine.request import FinishReason, GenerationResult
+from server.service.calls import CallFields
+from server.service.dispatch import Call, Dispatched, TemplateSource
 from server.service.routing import Route
-
-_REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
-MAX_MESSAGES = 64
 
 ROUTE_PB = {
     Route.EXPLICIT: pb.ROUTE_EXPLICIT,
@@ -42,65 +36,20 @@ FINISH_PB = {
 TIER_PB = {"disk": pb.TIER_DISK, "host": pb.TIER_HOST, "device": pb.TIER_DEVICE}
 
 
-def parse_generate(request: pb.GenerateRequest, default_max_new_tokens: int,
-                   max_new_tokens_limit: int, max_weight_scale: float,
-                   deadline: float | None) -> Call:
-    """A validated :class:`Call`; raise InvalidRequest naming the first bad field."""
-    request_id = request.request_id or new_request_id()
-    if not _REQUEST_ID_RE.match(request_id):
-        raise InvalidRequest(f"request_id {quote(request_id, 40)} must be 1-64 characters "
-                             "of letters, digits, '.', '_' or '-'")
-    given = [name for name, present in (("text", request.HasField("text")),
-                                        ("prompt", request.HasField("prompt")),
-                                        ("messages", len(request.messages) > 0)) if present]
-    if len(given) != 1:
-        raise InvalidRequest(
-            "exactly one of text, prompt and messages must be set, got "
-            + (" and ".join(given) if given else "none")
-        )
-    kind = InputKind(given[0])
-    messages: tuple[tuple[str, str], ...] = ()
-    if kind == InputKind.TEXT and not request.text.strip():
-        raise InvalidRequest("text is empty")
-    if kind == InputKind.PROMPT and not request.prompt:
-        raise InvalidRequest("prompt is empty")
-    if kind == InputKind.MESSAGES:
-        if len(request.messages) > MAX_MESSAGES:
-            raise InvalidRequest(f"messages: at most {MAX_MESSAGES} turns, "
-                                 f"got {len(request.messages)}")
-        for i, message in enumerate(request.messages):
-            if message.role not in CHAT_ROLES:
-                raise InvalidRequest(f"messages[{i}].role must be one of "
-                                     f"{', '.join(CHAT_ROLES)}, got {quote(message.role, 20)}")
-            if not message.content.strip():
-                raise InvalidRequest(f"messages[{i}].content is empty")
-        messages = tuple((m.role, m.content) for m in request.messages)
-    if request.dialect and not ADAPTER_NAME_RE.fullmatch(request.dialect):
-        raise InvalidRequest(f"dialect {quote(request.dialect, 40)} is not an adapter name "
-                             "([a-z0-9][a-z0-9_-]{0,63})")
-    scale = request.weight_scale if request.HasField("weight_scale") else None
-    if scale is not None:
-        if not math.isfinite(scale) or scale < 0:
-            raise InvalidRequest(f"weight_scale must be a finite number >= 0, got {scale}")
-        if scale > max_weight_scale:
-            raise InvalidRequest(f"weight_scale {scale:g} exceeds the limit {max_weight_scale}")
-    sampling = SamplingParams(
-        max_new_tokens=request.max_new_tokens if request.HasField("max_new_tokens")
-        else default_max_new_tokens,
-        temperature=request.temperature if request.HasField("temperature") else 0.0,
-        top_p=request.top_p if request.HasField("top_p") else 1.0,
-        top_k=request.top_k if request.HasField("top_k") else 0,
-        repetition_penalty=request.repetition_penalty
-        if request.HasField("repetition_penalty") else 1.0,
-        seed=request.seed if request.HasField("seed") else None,
-        stop=tuple(request.stop),
-    )
-    sampling.validate(max_new_tokens_limit)
-    text = request.text if kind == InputKind.TEXT else request.prompt
-    return Call(kind=kind, text=text, messages=messages, dialect=request.dialect,
-                caller_number=request.caller_number, region=request.region,
-                weight_scale=scale, sampling=sampling, request_id=request_id,
-                deadline=deadline)
+def call_fields(request: pb.GenerateRequest) -> CallFields:
+    """The request's fields as plain types (validated by ``calls.validate_call``)."""
+
+    def optional(name: Any) -> Any:  # Any: HasField takes the field names as literals
+        return getattr(request, name) if request.HasField(name) else None
+
+    return CallFields(
+        text=optional("text"), prompt=optional("prompt"),
+        messages=tuple((m.role, m.content) for m in request.messages) or None,
+        dialect=request.dialect, caller_number=request.caller_number, region=request.region,
+        weight_scale=optional("weight_scale"), max_new_tokens=optional("max_new_tokens"),
+        temperature=optional("temperature"), top_p=optional("top_p"), top_k=optional("top_k"),
+        repetition_penalty=optional("repetition_penalty"), seed=optional("seed"),
+        stop=tuple(request.stop), request_id=request.request_id)
 
 
 def generate_response(call: Call, dispatched: Dispatched,

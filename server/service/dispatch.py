@@ -45,7 +45,7 @@ class TemplateSource(StrEnum):
 
 @dataclass(frozen=True)
 class Call:
-    """One generation call, validated field by field (see ``convert.parse_generate``)."""
+    """One generation call, validated field by field (see ``calls.validate_call``)."""
 
     kind: InputKind
     text: str = ""
@@ -61,6 +61,8 @@ class Call:
     """``time.monotonic()`` by which the client stops waiting."""
     received_at: float = field(default_factory=time.monotonic)
     """When the service took the call: every latency it reports starts here."""
+    user: str = ""
+    """The end-user id a client sent (HTTP ``user``); logs hold only its hash."""
 
 
 @dataclass(frozen=True)

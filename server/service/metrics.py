@@ -1,7 +1,8 @@
 """Prometheus metrics, served as text over HTTP (``metrics_port``).
 
-Labels are ``adapter``, ``route`` and ``status`` only: never a caller number, request id
-or anything a caller typed, and ``adapter`` is the adapter that served (``(base)`` for
+Labels are ``adapter``, ``route``, ``status`` and ``protocol`` (``grpc`` or ``http``)
+only: never a caller number, request id or anything a caller typed, and ``adapter`` is
+the adapter that served (``(base)`` for
 the base model, ``(none)`` when the call failed before routing), never a requested name,
 so a client cannot grow the label set. Gauges and cache counters are read from the engine
 and the adapter cache at scrape time (one source of truth, no double bookkeeping).
@@ -78,10 +79,11 @@ class ServiceMetrics:
         self.registry = CollectorRegistry()
         r = self.registry
         self.requests = Counter("switchboard_requests", "Generation calls by outcome",
-                                ["adapter", "route", "status"], registry=r)
+                                ["adapter", "route", "status", "protocol"], registry=r)
         self.latency = Histogram("switchboard_request_duration_seconds",
                                  "End-to-end generation latency",
-                                 ["adapter", "route", "status"], buckets=_LATENCY_BUCKETS,
+                                 ["adapter", "route", "status", "protocol"],
+                                 buckets=_LATENCY_BUCKETS,
                                  registry=r)
         self.ttft = Histogram("switchboard_time_to_first_token_seconds",
                               "Receipt at the service to the first generated token",
@@ -111,10 +113,11 @@ class ServiceMetrics:
         cache.on_load = lambda _name, seconds: self.adapter_load.observe(seconds)
 
     def observe_call(self, adapter: str, route: str, status: str, seconds: float,
-                     timings: CallTimings | None = None, tokens: int = 0) -> None:
+                     protocol: str = "grpc", timings: CallTimings | None = None,
+                     tokens: int = 0) -> None:
         """One finished call; ``timings`` when the engine ran it (see ``CallTimings``)."""
-        self.requests.labels(adapter, route, status).inc()
-        self.latency.labels(adapter, route, status).observe(seconds)
+        self.requests.labels(adapter, route, status, protocol).inc()
+        self.latency.labels(adapter, route, status, protocol).observe(seconds)
         if tokens:
             self.tokens.labels(adapter).inc(tokens)
         if timings is None:

@@ -183,8 +183,8 @@ class RoutingTable:
         """
         number = normalize_number(caller_number, self.national_prefix) if caller_number else ""
         code = normalize_region(region) if region else ""
-        if dialect:
-            return RouteDecision(dialect, Route.EXPLICIT, dialect)
+        if dialect:  # "base" names the base model, as it does in the table
+            return RouteDecision(None if dialect == BASE else dialect, Route.EXPLICIT, dialect)
         if number:
             for end in range(len(number), 1, -1):
                 prefix = number[:end]

@@ -1,0 +1,391 @@
+"""The OpenAI-compatible HTTP API: FastAPI routes on uvicorn, in the server's own loop.
+
+A thin translation, as the gRPC servicer is: a body becomes :class:`CallFields`
+(``openai_api.py``), :class:`CallRunner` runs the call, and the domain error it raises
+becomes an HTTP status and an OpenAI error body through one table (:data:`HTTP_ERRORS`).
+
+- ``POST /v1/chat/completions``, ``POST /v1/completions``: unary JSON, or Server-Sent
+  Events with ``stream: true`` (``data: {chunk}`` lines, then ``data: [DONE]``). An
+  error before the first event is an HTTP error; one after it (a deadline) is a last
+  ``data: {"error": ...}`` event.
+- ``GET /v1/models``: the base model and every servable adapter.
+- ``GET /health`` (the process answers) and ``GET /ready`` (503 until the model and the
+  preloaded adapters are in, and again while draining), for load balancers.
+
+A client that goes away cancels its call: each response watches for the ASGI
+``http.disconnect`` message while it runs, and cancels the call's task when it comes,
+so the engine row leaves the batch at its next step (the same guarantee as a gRPC
+cancel). Uvicorn runs in the gRPC server's event loop, so both front-ends share one
+loop, one engine and one dispatcher; the Switchboard server, not uvicorn, owns SIGTERM.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import socket
+import time
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import uvicorn
+from fastapi import FastAPI, Request
+from fastapi.middleware.cors import CORSMiddleware
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.sse import format_sse_event
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import Receive, Scope, Send
+
+from server.adapters.cache import AdapterCache
+from server.errors import InvalidRequest, SwitchboardError
+from server.service import openai_api
+from server.service.calls import CallContext, CallRunner, Finished, Started
+from server.service.daemon_thread import run_in_daemon_thread
+from server.service.status import Status, status_of
+
+log = logging.getLogger("switchboard.http")
+
+HTTP_ERRORS: dict[Status, tuple[int, str]] = {
+    Status.INVALID_ARGUMENT: (400, "invalid_request_error"),
+    Status.NOT_FOUND: (404, "invalid_request_error"),
+    Status.FAILED_PRECONDITION: (409, "invalid_request_error"),
+    Status.UNAUTHENTICATED: (401, "authentication_error"),
+    Status.PERMISSION_DENIED: (403, "permission_error"),
+    Status.RESOURCE_EXHAUSTED: (429, "rate_limit_error"),
+    Status.UNAVAILABLE: (503, "service_unavailable"),
+    Status.DEADLINE_EXCEEDED: (504, "timeout"),
+    Status.CANCELLED: (499, "cancelled"),
+    Status.INTERNAL: (500, "server_error"),
+}
+"""HTTP's table: a call's status → (HTTP status code, OpenAI error ``type``)."""
+ERROR_CODES: dict[Status, str] = {
+    Status.NOT_FOUND: "model_not_found", Status.FAILED_PRECONDITION: "adapter_unavailable",
+    Status.RESOURCE_EXHAUSTED: "queue_full", Status.UNAVAILABLE: "unavailable",
+    Status.DEADLINE_EXCEEDED: "deadline_exceeded", Status.INTERNAL: "internal_error",
+}
+RETRY_AFTER_S = 1
+DRAIN_LIMIT_BYTES = 16 << 20
+MAX_MESSAGE_CHARS = 500
+_DONE = format_sse_event(data_str="[DONE]")
+
+
+class HttpError(Exception):
+    """A refusal at the HTTP layer itself (body too large, unknown route)."""
+
+    def __init__(self, status: int, message: str, type_: str = "invalid_request_error",
+                 code: str | None = None) -> None:
+        super().__init__(message)
+        self.status, self.message, self.type, self.code = status, message, type_, code
+
+
+def error_body(message: str, type_: str, param: str | None = None,
+               code: str | None = None) -> dict[str, Any]:
+    return {"error": {"message": message[:MAX_MESSAGE_CHARS], "type": type_, "param": param,
+                      "code": code}}
+
+
+def domain_error(exc: SwitchboardError) -> tuple[int, dict[str, Any], dict[str, str]]:
+    """(HTTP status, OpenAI error body, headers) of a domain error."""
+    status = status_of(exc)
+    code, type_ = HTTP_ERRORS[status]
+    param = openai_api.openai_param(exc.param) if isinstance(exc, InvalidRequest) else None
+    if status == Status.NOT_FOUND:
+        param = "model"
+    headers = {"Retry-After": str(RETRY_AFTER_S)} if code == 429 else {}
+    return code, error_body(str(exc), type_, param, ERROR_CODES.get(status)), headers
+
+
+class _EventStream(StreamingResponse):
+    """SSE that cancels its producer the moment the client disconnects (ASGI
+    ``http.disconnect``), not at the next failed write, and always closes it."""
+
+    media_type = "text/event-stream"
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await _until_disconnect(self._send_all(send), receive)
+
+    async def _send_all(self, send: Send) -> None:
+        await send({"type": "http.response.start", "status": self.status_code,
+                    "headers": self.raw_headers})
+        iterator = self.body_iterator
+        try:
+            async for chunk in iterator:
+                data = chunk.encode() if isinstance(chunk, str) else bytes(chunk)
+                await send({"type": "http.response.body", "body": data, "more_body": True})
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+        except OSError:  # the connection broke under a write
+            pass
+        finally:
+            aclose = getattr(iterator, "aclose", None)
+            if aclose is not None:
+                await aclose()
+
+
+async def _until_disconnect(work: Awaitable[Any], receive: Receive) -> Any:
+    """Run ``work``; cancel it if the client disconnects first (then return None)."""
+
+    async def disconnected() -> None:
+        while (await receive())["type"] != "http.disconnect":
+            pass
+
+    task = asyncio.ensure_future(work)
+    watcher = asyncio.ensure_future(disconnected())
+    try:
+        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for pending in (task, watcher):
+            if not pending.done():
+                pending.cancel()
+        await asyncio.gather(task, watcher, return_exceptions=True)
+    if task.cancelled():
+        return None
+    return task.result()
+
+
+class HttpApi:
+    """The FastAPI app over one :class:`CallRunner`; :meth:`attach` completes it once the
+    model and the adapter cache exist."""
+
+    def __init__(self, runner: CallRunner, settings: Any) -> None:
+        self.runner = runner
+        self.state = runner.state
+        self.settings = settings
+        self.cache: AdapterCache | None = None
+        self.base_id = "base"
+        self.created = int(time.time())
+        self.app = self._build_app()
+
+    def attach(self, cache: AdapterCache, base_id: str) -> None:
+        self.cache = cache
+        self.base_id = base_id
+
+    @property
+    def base_ids(self) -> tuple[str, ...]:
+        return ("base", self.base_id)
+
+    def _build_app(self) -> FastAPI:
+        app = FastAPI(title="Switchboard", docs_url=None, redoc_url=None, openapi_url=None)
+        if self.settings.cors_origins:
+            app.add_middleware(CORSMiddleware, allow_origins=list(self.settings.cors_origins),
+                               allow_methods=["GET", "POST"],
+                               allow_headers=["authorization", "content-type"])
+
+        @app.exception_handler(StarletteHTTPException)
+        async def http_error(_request: Request, exc: StarletteHTTPException) -> Response:
+            kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
+            return JSONResponse(error_body(str(exc.detail), kind), exc.status_code)
+
+        @app.exception_handler(Exception)
+        async def unexpected(_request: Request, exc: Exception) -> Response:
+            log.error("internal error in the HTTP layer", exc_info=exc)
+            return JSONResponse(error_body("internal error; see the server log",
+                                           "server_error", code="internal_error"), 500)
+
+        app.add_api_route("/health", self.health, methods=["GET"])
+        app.add_api_route("/ready", self.ready, methods=["GET"])
+        app.add_api_route("/v1/models", self.models, methods=["GET"])
+        app.add_api_route("/v1/models/{model_id}", self.model, methods=["GET"])
+        app.add_api_route("/v1/chat/completions", self.chat, methods=["POST"])
+        app.add_api_route("/v1/completions", self.completions, methods=["POST"])
+        return app
+
+    # -- probes and models ---------------------------------------------------------------
+    async def health(self) -> Response:
+        return JSONResponse({"status": "ok"})
+
+    async def ready(self) -> Response:
+        if self.state.ready and not self.state.draining:
+            return JSONResponse({"status": "ready"})
+        why = "draining" if self.state.draining else "starting"
+        return JSONResponse({"status": why}, 503)
+
+    async def models(self, request: Request) -> Response:
+        return await self._guarded(request, self._models)
+
+    async def model(self, request: Request, model_id: str) -> Response:
+        async def one() -> Response:
+            rows = await self._model_rows()
+            for row in rows:
+                if row["id"] == model_id:
+                    return JSONResponse(row)
+            raise HttpError(404, f"model {model_id[:40]!r} does not exist",
+                            code="model_not_found")
+        return await self._guarded(request, one)
+
+    async def _models(self) -> Response:
+        return JSONResponse({"object": "list", "data": await self._model_rows()})
+
+    async def _model_rows(self) -> list[dict[str, Any]]:
+        assert self.cache is not None
+        infos = await run_in_daemon_thread(self.cache.list_adapters)
+        return [openai_api.model_entry(self.base_id, self.created, "switchboard",
+                                       parent=None, aliases=["base"]),
+                *openai_api.adapter_entries(infos, self.base_id, self.created)]
+
+    async def _guarded(self, request: Request, run: Callable[[], Awaitable[Response]]
+                       ) -> Response:
+        """Key and readiness checks and error bodies for the non-generation routes."""
+        try:
+            self.runner.check_key(request.headers.get("authorization"))
+            self.state.check_open()
+            return await run()
+        except HttpError as exc:
+            return JSONResponse(error_body(exc.message, exc.type, code=exc.code), exc.status)
+        except SwitchboardError as exc:
+            code, body, headers = domain_error(exc)
+            return JSONResponse(body, code, headers=headers)
+
+    # -- generation ----------------------------------------------------------------------
+    async def chat(self, request: Request) -> Response:
+        return await self._generate(request, chat=True)
+
+    async def completions(self, request: Request) -> Response:
+        return await self._generate(request, chat=False)
+
+    async def _generate(self, request: Request, chat: bool) -> Response:
+        try:
+            raw = await self._read_body(request)
+        except HttpError as exc:
+            return JSONResponse(error_body(exc.message, exc.type, code=exc.code), exc.status)
+        parsed: list[openai_api.OpenAIRequest] = []
+
+        def fields() -> Any:
+            body = openai_api.parse_body(raw)
+            parse = openai_api.parse_chat if chat else openai_api.parse_completion
+            parsed.append(parse(body, self.base_ids))
+            return parsed[0].fields
+
+        context = CallContext(protocol="http", authorization=request.headers.get("authorization"))
+        items = self.runner.run(context, fields)
+        try:
+            started = await _until_disconnect(anext(items), request.receive)
+        except SwitchboardError as exc:
+            await items.aclose()
+            code, body, headers = domain_error(exc)
+            return JSONResponse(body, code, headers=headers)
+        except BaseException:
+            await items.aclose()
+            raise
+        if started is None:  # the client left before the call started
+            await items.aclose()
+            return Response(status_code=499)
+        assert isinstance(started, Started)
+        shaper = openai_api.ResponseShaper(chat, self.base_id, started)
+        headers = {"x-request-id": started.call.request_id}
+        if parsed[0].stream:
+            return _EventStream(self._events(items, shaper, parsed[0].include_usage),
+                                headers=headers)
+        try:
+            finished = await _until_disconnect(_last(items), request.receive)
+        except SwitchboardError as exc:
+            code, body, extra = domain_error(exc)
+            return JSONResponse(body, code, headers={**headers, **extra})
+        finally:
+            await items.aclose()
+        if finished is None:
+            return Response(status_code=499)
+        return JSONResponse(shaper.response(finished), headers=headers)
+
+    async def _events(self, items: AsyncGenerator[Any, None], shaper: openai_api.ResponseShaper,
+                      include_usage: bool) -> AsyncIterator[bytes]:
+        async with contextlib.aclosing(items):
+            first = shaper.first_chunk()
+            if first is not None:
+                yield _event(first)
+            try:
+                async for item in items:
+                    if isinstance(item, Finished):
+                        for chunk in shaper.last_chunks(item, include_usage):
+                            yield _event(chunk)
+                    else:
+                        yield _event(shaper.chunk(item))
+            except SwitchboardError as exc:  # after the headers: the stream's last event
+                _code, body, _headers = domain_error(exc)
+                yield _event(body)
+                return
+            yield _DONE
+
+    async def _read_body(self, request: Request) -> bytes:
+        """The body, up to ``http_max_body_bytes``; over it, 413. The excess is read and
+        dropped up to :data:`DRAIN_LIMIT_BYTES`, so that a client still sending sees the
+        413 rather than a reset connection; a larger body is cut off."""
+        limit = self.settings.http_max_body_bytes
+        declared = request.headers.get("content-length", "")
+        too_large = HttpError(413, f"the request body exceeds {limit} bytes",
+                              code="body_too_large")
+        if declared.isdigit() and int(declared) > DRAIN_LIMIT_BYTES:
+            raise too_large
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > DRAIN_LIMIT_BYTES:
+                raise too_large
+            if size <= limit:
+                chunks.append(chunk)
+        if size > limit:
+            raise too_large
+        return b"".join(chunks)
+
+
+async def _last(items: AsyncGenerator[Any, None]) -> Finished | None:
+    last = None
+    async for item in items:
+        last = item
+    return last if isinstance(last, Finished) else None
+
+
+def _event(body: dict[str, Any]) -> bytes:
+    return format_sse_event(data_str=json.dumps(body, ensure_ascii=False,
+                                                separators=(",", ":")))
+
+
+class _EmbeddedUvicorn(uvicorn.Server):
+    """uvicorn inside the Switchboard server's loop: it leaves signals to the server."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Any:
+        yield
+
+
+class HttpServer:
+    """Binds and serves :class:`HttpApi` until :meth:`stop`."""
+
+    def __init__(self, api: HttpApi) -> None:
+        self.api = api
+        self.port = -1
+        self._server: _EmbeddedUvicorn | None = None
+        self._task: asyncio.Task[None] | None = None
+
+    async def start(self, host: str, port: int) -> int:
+        """Bind (``port`` 0: a free one) and start serving; return the bound port."""
+        sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError as exc:
+            sock.close()
+            raise OSError(f"HTTP port {host}:{port} cannot be bound: {exc.strerror}") from None
+        sock.listen(128)
+        sock.setblocking(False)
+        config = uvicorn.Config(self.api.app, log_config=None, access_log=False,
+                                lifespan="off", timeout_graceful_shutdown=2,
+                                server_header=False)
+        self._server = _EmbeddedUvicorn(config)
+        self._task = asyncio.create_task(self._server.serve(sockets=[sock]))
+        while not self._server.started:
+            if self._task.done():
+                self._task.result()
+                raise OSError("the HTTP server stopped while starting")
+            await asyncio.sleep(0.01)
+        self.port = int(sock.getsockname()[1])
+        return self.port
+
+    async def stop(self) -> None:
+        if self._server is None or self._task is None:
+            return
+        self._server.should_exit = True
+        with contextlib.suppress(Exception, asyncio.CancelledError):
+            await asyncio.wait_for(self._task, 10)
+        self._server = None
