@@ -1,22 +1,28 @@
-"""End to end: the load generator over gRPC versus the engine in-process, same workload.
+"""End to end: gRPC and the OpenAI-compatible HTTP API versus the engine in-process.
 
 1. A real server (`switchboard serve`, its own process) on the default model with two
    rank-8 adapters (wuyu, cantonese; q,v) and the shipped routing table.
 2. `switchboard loadtest` (its own process): 32 concurrent clients, 96 requests, 16 new
    tokens each, dialects mixed wuyu=1, cantonese=1, base=1, unary calls, greedy.
-3. The same 96 requests (same utterances, dialects, templates, settings: the load
+3. The same 96 requests through the official ``openai`` async client (its own process,
+   ``--http-client``): ``/v1/completions`` with ``model`` = the dialect, 32 at a time.
+   Steps 2 and 3 alternate for ``ROUNDS`` rounds against the same server; the medians
+   are reported (this machine's speed drifts by ±25% within minutes).
+4. The same 96 requests (same utterances, dialects, templates, settings: the load
    generator's ``workload_item``) submitted to an in-process engine with the same
    engine settings by 32 closed-loop threads.
 
-Reported: tokens/s and requests/s of both, p50/p95 latency of both, and the ratio
-gRPC / in-process (target ≥ 0.85). The two runs happen one after the other on the same
-machine; the server is stopped before the in-process run starts.
+Reported: tokens/s and requests/s, p50/p95 latency of each, and the ratios
+gRPC / in-process (target ≥ 0.85) and HTTP / gRPC (target ≥ 0.9). The server is
+stopped before the in-process run starts.
 
     python -m bench.e2e_bench
 """
 
 from __future__ import annotations
 
+import argparse
+import asyncio
 import json
 import statistics
 import subprocess
@@ -40,6 +46,7 @@ from tests.support import add_manifest, make_random_adapter, spawn_server
 
 CONCURRENCY = 32
 REQUESTS = 96
+ROUNDS = 2
 NEW_TOKENS = 16
 MIX = {"wuyu": 1.0, "cantonese": 1.0, "base": 1.0}
 TEMPLATES = {"wuyu": "Translate Wu dialect to English: {text}\n",
@@ -47,6 +54,7 @@ TEMPLATES = {"wuyu": "Translate Wu dialect to English: {text}\n",
 CONFIG = """
 port: 0
 metrics_port: -1
+http_port: 0
 adapter_roots: [{root}]
 preload: [all]
 engine:
@@ -75,6 +83,56 @@ def grpc_run(address: str) -> dict:
                                                                 MIX.items()),
          "--json", "--quiet"], cwd=REPO_ROOT, capture_output=True, text=True, check=True)
     return json.loads(result.stdout)
+
+
+def http_run(url: str) -> dict:
+    result = subprocess.run([sys.executable, "-m", "bench.e2e_bench", "--http-client", url],
+                            cwd=REPO_ROOT, capture_output=True, text=True, check=True)
+    return json.loads(result.stdout)
+
+
+async def http_client(url: str) -> dict:
+    """The gRPC load generator's workload through the official openai async client."""
+    from openai import AsyncOpenAI
+
+    client = AsyncOpenAI(base_url=url, api_key="unused", max_retries=0, timeout=600)
+    queue: asyncio.Queue[int] = asyncio.Queue()
+    for index in range(REQUESTS):
+        queue.put_nowait(index)
+    latencies: list[float] = []
+    tokens, errors = [0], [0]
+
+    async def worker() -> None:
+        while not queue.empty():
+            text, dialect = workload_item(queue.get_nowait(), DEFAULT_UTTERANCES, MIX, 0)
+            started = time.perf_counter()
+            try:
+                reply = await client.completions.create(
+                    model=dialect, prompt=text, max_tokens=NEW_TOKENS, temperature=0)
+            except Exception:
+                errors[0] += 1
+                continue
+            latencies.append(time.perf_counter() - started)
+            tokens[0] += reply.usage.completion_tokens if reply.usage else 0
+
+    started = time.perf_counter()
+    await asyncio.gather(*(worker() for _ in range(CONCURRENCY)))
+    seconds = time.perf_counter() - started
+    await client.close()
+    ordered = sorted(latencies) or [0.0]
+    return {"requests": REQUESTS, "ok": len(latencies), "errors": errors[0],
+            "seconds": round(seconds, 3), "tokens": tokens[0],
+            "tokens_per_s": round(tokens[0] / seconds, 2),
+            "requests_per_s": round(len(latencies) / seconds, 3),
+            "latency_ms": {"p50": round(statistics.median(ordered) * 1000, 1),
+                           "p95": round(ordered[int(len(ordered) * 0.95)] * 1000, 1)}}
+
+
+def median_run(runs: list[dict]) -> dict:
+    """The run with the median tokens/s, and every run's tokens/s beside it."""
+    ordered = sorted(runs, key=lambda r: r["tokens_per_s"])
+    return {**ordered[(len(ordered) - 1) // 2],
+            "tokens_per_s_by_round": [r["tokens_per_s"] for r in runs]}
 
 
 def in_process_run(config_path: Path, root: Path) -> dict:
@@ -132,14 +190,25 @@ def main() -> None:
     make_adapters(root)
     config = workdir / "config.yaml"
     config.write_text(CONFIG.format(root=root))
-    print("gRPC: server + load generator ...", flush=True)
-    process, address, _ = spawn_server(["--config", str(config)], workdir / "server.log")
+    print("gRPC and HTTP: server + load generators ...", flush=True)
+    process, address, _metrics, http_url = spawn_server(["--config", str(config)],
+                                                        workdir / "server.log")
+    grpc_runs, http_runs = [], []
     try:
-        over_grpc = grpc_run(address)
+        for round_index in range(ROUNDS):
+            grpc_runs.append(grpc_run(address))
+            http_runs.append(http_run(http_url))
+            print(f"round {round_index + 1}: gRPC {grpc_runs[-1]['tokens_per_s']} tokens/s, "
+                  f"HTTP {http_runs[-1]['tokens_per_s']} tokens/s", flush=True)
     finally:
         process.terminate()
         process.wait(120)
+    over_grpc, over_http = median_run(grpc_runs), median_run(http_runs)
     assert over_grpc["errors"] == {}, over_grpc["errors"]
+    assert all(r["errors"] == 0 for r in http_runs), [r["errors"] for r in http_runs]
+    # Side by side in each round: the ratio of the two medians of per-round ratios.
+    http_ratio = statistics.median(h["tokens_per_s"] / g["tokens_per_s"]
+                                   for h, g in zip(http_runs, grpc_runs, strict=True))
     print("in-process engine ...", flush=True)
     local = in_process_run(config, root)
     ratio = over_grpc["tokens_per_s"] / local["tokens_per_s"]
@@ -150,9 +219,12 @@ def main() -> None:
                      "adapters": "wuyu, cantonese: rank 8, q_proj+v_proj"},
         "grpc": {k: over_grpc[k] for k in ("requests", "ok", "seconds", "tokens",
                                            "tokens_per_s", "requests_per_s", "latency_ms",
-                                           "ttft_ms", "errors", "retries")},
+                                           "ttft_ms", "errors", "retries",
+                                           "tokens_per_s_by_round")},
+        "http": over_http,
         "in_process": {k: v for k, v in local.items() if k != "device"},
         "grpc_vs_in_process": target(ratio, 0.85),
+        "http_vs_grpc": target(http_ratio, 0.9),
     }
     path = write_results("e2e", payload)
     print_table(f"end-to-end benchmark ({local['device']}) -> {path}", [
@@ -160,13 +232,25 @@ def main() -> None:
                           f"({over_grpc['requests_per_s']:.2f} req/s)"),
         ("in-process tokens/s", f"{local['tokens_per_s']:.1f} "
                                 f"({local['requests_per_s']:.2f} req/s)"),
+        ("HTTP (openai client) tokens/s", f"{over_http['tokens_per_s']:.1f} "
+                                          f"({over_http['requests_per_s']:.2f} req/s)"),
         ("gRPC latency p50 / p95", f"{over_grpc['latency_ms']['p50']:.0f} / "
                                    f"{over_grpc['latency_ms']['p95']:.0f} ms"),
+        ("HTTP latency p50 / p95", f"{over_http['latency_ms']['p50']:.0f} / "
+                                   f"{over_http['latency_ms']['p95']:.0f} ms"),
         ("in-process latency p50 / p95", f"{local['latency_ms']['p50']:.0f} / "
                                          f"{local['latency_ms']['p95']:.0f} ms"),
         ("ratio gRPC / in-process", f"{ratio:.2f} (target >= 0.85)"),
+        ("ratio HTTP / gRPC (median of rounds)", f"{http_ratio:.2f} (target >= 0.9)"),
     ])
 
 
 if __name__ == "__main__":
-    main()
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--http-client", metavar="URL",
+                        help="(internal) run the HTTP load against URL and print JSON")
+    args = parser.parse_args()
+    if args.http_client:
+        print(json.dumps(asyncio.run(http_client(args.http_client))))
+    else:
+        main()

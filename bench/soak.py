@@ -2,7 +2,9 @@
 
 A `switchboard serve` process on loopback (the default model, four stable adapters and
 three churned ones) and a driver whose call classes have their allowed outcomes fixed in
-advance (``ALLOWED``):
+advance (``ALLOWED``, the same for gRPC and HTTP: a quarter of the valid, malformed,
+cancel and deadline calls go through the OpenAI-compatible HTTP API with the official
+``openai`` client, ``bench/soak_http.py``):
 
 - ``valid``: unary and streaming calls over every route (explicit dialect, caller
   number, region, default), several adapters and scales, only on adapters that no admin
@@ -49,6 +51,7 @@ import grpc
 import torch
 
 from bench.common import RESULTS, commit, device_description, print_table
+from bench.soak_http import HttpCalls, http_malformed_requests, http_model
 from clients.loadtest import DEFAULT_UTTERANCES
 from protos.switchboard.v1 import switchboard_pb2 as pb
 from protos.switchboard.v1 import switchboard_pb2_grpc as pb_grpc
@@ -76,6 +79,8 @@ STABLE = ("wuyu", "cantonese", "stable-r4", "stable-r16")
 CHURNED = ("churn-0", "churn-1", "churn-2")
 MAX_BATCH, MAX_QUEUE, MAX_LORAS = 16, 24, 4
 MAX_RSS_GROWTH_MB = 100.0
+HTTP_SHARE = 0.25
+"""Of the valid, malformed, cancel and deadline calls, the share sent over HTTP."""
 DOC = REPO_ROOT / "docs" / "reliability.md"
 DOC_BEGIN, DOC_END = "<!-- soak-table:begin -->", "<!-- soak-table:end -->"
 LEAK_GAUGES = ("switchboard_queue_depth", "switchboard_running_batch_size",
@@ -85,6 +90,7 @@ CONFIG = """
 host: 127.0.0.1
 port: 0
 metrics_port: 0
+http_port: 0
 adapter_roots: [{root}]
 preload: [all]
 routing_table: {routing}
@@ -124,14 +130,17 @@ LONG_PROMPT = "Once upon a time, in a small village by the sea, there lived"
 @dataclass
 class Tally:
     calls: Counter[tuple[str, str]] = field(default_factory=Counter)
+    by_protocol: Counter[tuple[str, str]] = field(default_factory=Counter)
     disallowed: list[str] = field(default_factory=list)
     streams_without_final: int = 0
     valid_latency: list[float] = field(default_factory=list)
 
-    def record(self, kind: str, status: str, allowed: frozenset[str], detail: str = "") -> None:
+    def record(self, kind: str, status: str, allowed: frozenset[str], detail: str = "",
+               protocol: str = "grpc") -> None:
         self.calls[(kind, status)] += 1
+        self.by_protocol[(kind, protocol)] += 1
         if status not in allowed:
-            self.disallowed.append(f"{kind} {detail}: {status}")
+            self.disallowed.append(f"{kind} ({protocol}) {detail}: {status}")
 
 
 class Gate:
@@ -210,9 +219,14 @@ class Soak:
     bursts: list[dict[str, int]] = field(default_factory=list)
     mixed_calls: int = 0
     driver_problems: list[str] = field(default_factory=list)
+    http: HttpCalls | None = None
+    """The HTTP API's client; None: every call goes over gRPC."""
 
     def __post_init__(self) -> None:
         self.gate = Gate(self.stop)
+
+    def over_http(self, rng: random.Random) -> bool:
+        return self.http is not None and rng.random() < HTTP_SHARE
 
     def valid_request(self, rng: random.Random) -> pb.GenerateRequest:
         return pb.GenerateRequest(text=rng.choice(DEFAULT_UTTERANCES),
@@ -237,6 +251,9 @@ class Soak:
                 await self.pause(pause_s)
 
     async def valid_call(self, rng: random.Random) -> None:
+        if self.over_http(rng):
+            await self.valid_http_call(rng)
+            return
         request = self.valid_request(rng)
         started = time.perf_counter()
         status = await self.either(rng, request, 300)
@@ -244,24 +261,49 @@ class Soak:
             self.tally.valid_latency.append(time.perf_counter() - started)
         self.tally.record("valid", status, ALLOWED["valid"], str(request.dialect or "routed"))
 
+    async def valid_http_call(self, rng: random.Random) -> None:
+        assert self.http is not None
+        model, extra = http_model(rng.choice(VALID_ROUTES))
+        started = time.perf_counter()
+        status = await self.http.completion(
+            rng.random() < 0.5, model=model, prompt=rng.choice(DEFAULT_UTTERANCES),
+            max_tokens=rng.randint(4, 12), extra_body=extra)
+        if status == OK:
+            self.tally.valid_latency.append(time.perf_counter() - started)
+        self.tally.record("valid", status, ALLOWED["valid"], model, "http")
+
     async def mixed_worker(self, index: int) -> None:
         """Valid calls; every 20th call of these workers (5%) is a malformed one."""
         rng = random.Random(self.seed * 1000 + index)
-        cases = malformed_requests()
+        cases, http_cases = malformed_requests(), http_malformed_requests()
 
         async def one_call() -> None:
             self.mixed_calls += 1
             if self.mixed_calls % 20 != 10:
                 await self.valid_call(rng)
                 return
-            what, request, expected = cases[(self.mixed_calls // 20) % len(cases)]
+            nth = self.mixed_calls // 20
+            if self.http is not None and nth % 4 == 1:  # a quarter, whatever the seed
+                what, arguments, expected = http_cases[(nth // 4) % len(http_cases)]
+                status = await self.http.completion(rng.random() < 0.5,
+                                                    **{"max_tokens": 4, **arguments})
+                self.tally.record("malformed", status, frozenset({expected}), what, "http")
+                return
+            what, request, expected = cases[nth % len(cases)]
             status = await self.either(rng, request, 60)
             self.tally.record("malformed", status, frozenset({expected}), what)
 
         await self.repeat(one_call)
 
     async def cancel_worker(self) -> None:
+        calls = [0]
+
         async def one_call() -> None:
+            calls[0] += 1
+            if self.http is not None and calls[0] % 4 == 2:
+                status = await self.http.cancel_after_first_chunk(LONG_PROMPT)
+                self.tally.record("cancel", status, ALLOWED["cancel"], protocol="http")
+                return
             call = self.stub.GenerateStream(
                 pb.GenerateRequest(prompt=LONG_PROMPT, max_new_tokens=200), timeout=300)
             status = "NO_CHUNK"
@@ -281,7 +323,16 @@ class Soak:
     async def deadline_worker(self) -> None:
         rng = random.Random(self.seed + 7)
 
+        calls = [0]
+
         async def one_call() -> None:
+            calls[0] += 1
+            if self.http is not None and calls[0] % 4 == 2:  # the body's own deadline
+                status = await self.http.completion(
+                    rng.random() < 0.5, model="base", prompt=LONG_PROMPT, max_tokens=200,
+                    extra_body={"raw_prompt": True, "timeout_s": rng.uniform(0.1, 0.6)})
+                self.tally.record("deadline", status, ALLOWED["deadline"], protocol="http")
+                return
             request = pb.GenerateRequest(prompt=LONG_PROMPT, max_new_tokens=200)
             status = await self.either(rng, request, rng.uniform(0.1, 0.6))
             self.tally.record("deadline", status, ALLOWED["deadline"])
@@ -428,9 +479,9 @@ async def idle_run(stub: pb_grpc.SwitchboardStub, calls: int, seed: int) -> list
     return tally.valid_latency
 
 
-async def drive(address: str, metrics_url: str, pid: int, root: Path, variants: Path,
-                fingerprint: str, duration: float, burst_every: float, seed: int,
-                progress: Callable[[str], None]) -> dict[str, Any]:
+async def drive(address: str, metrics_url: str, http_url: str, pid: int, root: Path,
+                variants: Path, fingerprint: str, duration: float, burst_every: float,
+                seed: int, progress: Callable[[str], None]) -> dict[str, Any]:
     async with grpc.aio.insecure_channel(address) as channel:
         stub = pb_grpc.SwitchboardStub(channel)
         progress("warm-up: every adapter once")
@@ -442,7 +493,8 @@ async def drive(address: str, metrics_url: str, pid: int, root: Path, variants: 
         progress("idle run: 24 valid calls one at a time")
         idle = await idle_run(stub, 24, seed)
 
-        soak = Soak(stub, root, variants, fingerprint, seed, burst_every_s=burst_every)
+        soak = Soak(stub, root, variants, fingerprint, seed, burst_every_s=burst_every,
+                    http=HttpCalls(http_url))
         progress("warm-up burst (its memory belongs in the RSS baseline)")
         warm_up_burst = await soak.burst()
         rss: list[tuple[float, float]] = []
@@ -482,6 +534,9 @@ async def drive(address: str, metrics_url: str, pid: int, root: Path, variants: 
             await asyncio.sleep(0.2)
         after = await unary(stub, pb.GenerateRequest(text="侬好", dialect="wuyu",
                                                      max_new_tokens=4), timeout=120)
+        assert soak.http is not None
+        tally_streams_http = soak.http.streams_without_final
+        await soak.http.close()
 
     window = min(60.0, duration / 3)
     first = [mb for t, mb in rss if t - started <= window] or [float("nan")]
@@ -490,15 +545,19 @@ async def drive(address: str, metrics_url: str, pid: int, root: Path, variants: 
     by_class: dict[str, dict[str, int]] = {}
     for (kind, status), count in sorted(tally.calls.items()):
         by_class.setdefault(kind, {})[status] = count
+    by_protocol: dict[str, dict[str, int]] = {}
+    for (kind, protocol), count in sorted(tally.by_protocol.items()):
+        by_protocol.setdefault(kind, {})[protocol] = count
     under_load = sorted(tally.valid_latency)
     return {
         "duration_s": round(stopped - started, 1),
         "wind_down_s": round(ran_s - (stopped - started), 1),
         "calls": sum(tally.calls.values()),
         "calls_by_class": by_class,
+        "calls_by_protocol": by_protocol,
         "disallowed_outcomes": len(tally.disallowed),
         "disallowed_examples": tally.disallowed[:20],
-        "streams_without_final_status": tally.streams_without_final,
+        "streams_without_final_status": tally.streams_without_final + tally_streams_http,
         "left_after_traffic": left,
         "valid_call_after_traffic": after,
         "bursts": soak.bursts,
@@ -557,11 +616,12 @@ def run(duration: float, burst_every: float = 45.0, seed: int = 0,
         config = workdir / "config.yaml"
         config.write_text(CONFIG.format(root=root, routing=workdir / "routing.yaml",
                                         batch=MAX_BATCH, queue=MAX_QUEUE, loras=MAX_LORAS))
-        process, address, metrics_url = spawn_server(["--config", str(config)],
-                                                     workdir / "server.log")
+        process, address, metrics_url, http_url = spawn_server(["--config", str(config)],
+                                                               workdir / "server.log")
         try:
-            report = asyncio.run(drive(address, metrics_url, process.pid, root, variants,
-                                       fingerprint, duration, burst_every, seed, progress))
+            report = asyncio.run(drive(address, metrics_url, http_url, process.pid, root,
+                                       variants, fingerprint, duration, burst_every, seed,
+                                       progress))
             report["server_alive_after"] = process.poll() is None
         finally:
             process.terminate()
@@ -589,7 +649,10 @@ def run(duration: float, burst_every: float = 45.0, seed: int = 0,
 
 
 def report_rows(report: dict[str, Any]) -> list[tuple[str, str]]:
-    rows = [(kind, ", ".join(f"{s} {n}" for s, n in statuses.items()))
+    protocols = report.get("calls_by_protocol", {})
+    rows = [(kind, ", ".join(f"{s} {n}" for s, n in statuses.items())
+             + (f" (HTTP {protocols[kind]['http']})" if protocols.get(kind, {}).get("http")
+                else ""))
             for kind, statuses in report["calls_by_class"].items()]
     rss, latency = report["anon_rss_mb"], report["latency_ms"]
     bursts = report["bursts"]
