@@ -247,6 +247,34 @@ def test_bad_json_wrong_shape_and_a_2mb_body(live_server):
     assert client(live_server).completions.create(model="wuyu", prompt="hi", max_tokens=2)
 
 
+def test_messages_quote_only_a_short_slice_of_the_input(live_server):
+    for call in ({"model": "a" * 10_000},
+                 {"model": "auto", "extra_body": {"dialect": "b" * 10_000}},
+                 {"model": "wuyu", "extra_body": {"temperature": "c" * 10_000}}):
+        with pytest.raises(openai.BadRequestError) as caught:
+            client(live_server).completions.create(**{"prompt": "hi", **call})
+        message = caught.value.body["message"]
+        assert len(message) <= 200 and not any(c * 50 in message for c in "abc"), message
+
+
+def test_an_internal_error_is_500_with_the_request_id_and_the_server_keeps_serving(
+        live_server):
+    engine = live_server.engine
+
+    def explode(step: int) -> None:
+        engine.fault_hook = None
+        raise RuntimeError("injected fault")
+
+    engine.fault_hook = explode
+    with pytest.raises(openai.InternalServerError) as caught:
+        client(live_server).completions.create(model="wuyu", prompt="hi", max_tokens=4,
+                                               extra_body={"request_id": "boom-http"})
+    assert_error(caught.value, 500, "server_error", None)
+    assert "request id boom-http" in caught.value.body["message"]
+    assert "injected fault" not in caught.value.body["message"]
+    assert client(live_server).completions.create(model="wuyu", prompt="hi", max_tokens=2)
+
+
 def test_deadline_is_504_and_the_row_leaves(live_server):
     engine = live_server.engine
     gate = threading.Event()
