@@ -131,6 +131,7 @@ LONG_PROMPT = "Once upon a time, in a small village by the sea, there lived"
 class Tally:
     calls: Counter[tuple[str, str]] = field(default_factory=Counter)
     by_protocol: Counter[tuple[str, str]] = field(default_factory=Counter)
+    calls_http_cancelled: int = 0
     disallowed: list[str] = field(default_factory=list)
     streams_without_final: int = 0
     valid_latency: list[float] = field(default_factory=list)
@@ -303,6 +304,7 @@ class Soak:
             if self.http is not None and calls[0] % 4 == 2:
                 status = await self.http.cancel_after_first_chunk(LONG_PROMPT)
                 self.tally.record("cancel", status, ALLOWED["cancel"], protocol="http")
+                self.tally.calls_http_cancelled += status == "CANCELLED"
                 return
             call = self.stub.GenerateStream(
                 pb.GenerateRequest(prompt=LONG_PROMPT, max_new_tokens=200), timeout=300)
@@ -534,6 +536,10 @@ async def drive(address: str, metrics_url: str, http_url: str, pid: int, root: P
             await asyncio.sleep(0.2)
         after = await unary(stub, pb.GenerateRequest(text="侬好", dialect="wuyu",
                                                      max_new_tokens=4), timeout=120)
+        server_http_cancels = sum(
+            value for key, value in gauges(metrics_url).items()
+            if key.startswith("switchboard_requests_total{") and 'protocol="http"' in key
+            and 'status="CANCELLED"' in key)
         assert soak.http is not None
         tally_streams_http = soak.http.streams_without_final
         await soak.http.close()
@@ -555,6 +561,8 @@ async def drive(address: str, metrics_url: str, http_url: str, pid: int, root: P
         "calls": sum(tally.calls.values()),
         "calls_by_class": by_class,
         "calls_by_protocol": by_protocol,
+        "http_cancels": {"client": tally.calls_http_cancelled,
+                         "server_recorded": server_http_cancels},
         "disallowed_outcomes": len(tally.disallowed),
         "disallowed_examples": tally.disallowed[:20],
         "streams_without_final_status": tally.streams_without_final + tally_streams_http,
@@ -594,6 +602,10 @@ def problems(report: dict[str, Any]) -> list[str]:
     growth = report["anon_rss_mb"]["growth"]
     if not growth < MAX_RSS_GROWTH_MB:  # also NaN: no samples
         found.append(f"anonymous RSS grew {growth} MB (limit {MAX_RSS_GROWTH_MB})")
+    cancels = report["http_cancels"]
+    if cancels["server_recorded"] < cancels["client"]:
+        found.append(f"{cancels['client']} HTTP streams cancelled by the client, but the "
+                     f"server recorded {cancels['server_recorded']} as CANCELLED")
     leaked = {k: v for k, v in report["left_after_traffic"].items() if v}
     if leaked:
         found.append(f"left after the traffic: {leaked}")

@@ -174,6 +174,7 @@ def test_models_list_holds_the_base_and_every_servable_adapter(live_server):
     assert wuyu.model_extra["parent"] == base_id and wuyu.model_extra["rank"] == 8
     assert wuyu.model_extra["version"]
     assert client(live_server).models.retrieve("wuyu").id == "wuyu"
+    assert client(live_server).models.retrieve("base").id == base_id
 
 
 def test_health_ready_and_the_metrics_protocol_label(live_server):
@@ -212,6 +213,10 @@ def assert_error(error: openai.APIStatusError, status: int, type_: str,
      openai.BadRequestError, "region"),
     ("logprobs", dict(logprobs=2), 400, openai.BadRequestError, "logprobs"),
     ("refused adapter", dict(model="broken"), 409, openai.ConflictError, None),
+    ("a name no adapter can have", dict(model="GPT 4"), 404, openai.NotFoundError, "model"),
+    ("seed 2**64", dict(seed=2**64, temperature=1.0), 400, openai.BadRequestError, "seed"),
+    ("temperature 1e-40", dict(temperature=1e-40), 400, openai.BadRequestError,
+     "temperature"),
 ])
 def test_invalid_completions_are_refused_with_the_field(live_server, what, call, status,
                                                         exc, param):
@@ -220,6 +225,8 @@ def test_invalid_completions_are_refused_with_the_field(live_server, what, call,
         client(live_server).completions.create(**fields)
     type_ = "invalid_request_error"
     assert_error(caught.value, status, type_, param)
+    if status == 409:  # a refused adapter stays refused: the client must not retry
+        assert caught.value.response.headers.get("x-should-retry") == "false"
 
 
 def test_a_list_prompt_and_bad_messages_are_refused(live_server):
@@ -251,7 +258,7 @@ def test_messages_quote_only_a_short_slice_of_the_input(live_server):
     for call in ({"model": "a" * 10_000},
                  {"model": "auto", "extra_body": {"dialect": "b" * 10_000}},
                  {"model": "wuyu", "extra_body": {"temperature": "c" * 10_000}}):
-        with pytest.raises(openai.BadRequestError) as caught:
+        with pytest.raises((openai.BadRequestError, openai.NotFoundError)) as caught:
             client(live_server).completions.create(**{"prompt": "hi", **call})
         message = caught.value.body["message"]
         assert len(message) <= 200 and not any(c * 50 in message for c in "abc"), message
@@ -278,12 +285,14 @@ def test_an_internal_error_is_500_with_the_request_id_and_the_server_keeps_servi
 def test_deadline_is_504_and_the_row_leaves(live_server):
     engine = live_server.engine
     gate = threading.Event()
-    engine.fault_hook = lambda step: gate.wait(10)  # the engine stalls: the deadline passes
+    # The engine stalls for 2 s: the deadline passes, and the next step ends the row.
+    engine.fault_hook = lambda step: gate.wait(2)
     try:
         with pytest.raises(openai.APIStatusError) as caught:
             client(live_server).completions.create(
                 model="wuyu", prompt=UTTERANCE, max_tokens=8, extra_body={"timeout_s": 0.5})
         assert_error(caught.value, 504, "timeout", None)
+        assert caught.value.response.headers.get("x-should-retry") == "false"
     finally:
         engine.fault_hook = None
         gate.set()
@@ -433,5 +442,6 @@ def test_starting_and_draining_are_503(tiny_model_dir, service_library):
         with pytest.raises(openai.InternalServerError) as caught:
             client(live).completions.create(model="wuyu", prompt="hi")
         assert_error(caught.value, 503, "service_unavailable", None)
+        assert caught.value.response.headers.get("retry-after") == "1"
         assert raw(live, "GET", "/ready")[0] == 503
         live.server.state.draining = False

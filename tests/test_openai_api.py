@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from server.errors import InvalidRequest
+from server.errors import AdapterNotFound, InvalidRequest
 from server.service.openai_api import openai_param, parse_body, parse_chat, parse_completion
 
 BASES = ("base", "SmolLM2-135M-Instruct")
@@ -45,7 +45,6 @@ def test_chat_content_parts_and_the_developer_role() -> None:
     ({"model": "wuyu", "prompt": "hi", "n": 3}, "n"),
     ({"model": "wuyu", "prompt": "hi", "tools": [{"type": "function"}]}, "tools"),
     ({"model": "wuyu", "prompt": "hi", "caller_number": "+8621"}, "caller_number"),
-    ({"model": "Not An Adapter", "prompt": "hi"}, "model"),
     ({"model": 7, "prompt": "hi"}, "model"),
     ({"model": "wuyu", "prompt": ["a", "b"]}, "prompt"),
     ({"model": "wuyu", "prompt": "hi", "timeout_s": 0}, "timeout_s"),
@@ -58,9 +57,19 @@ def test_wrong_types_name_their_field(body: dict, param: str) -> None:
     assert caught.value.param == param, str(caught.value)
 
 
+def test_a_name_no_adapter_can_have_is_not_found() -> None:
+    with pytest.raises(AdapterNotFound):
+        parse_completion({"model": "Not An Adapter", "prompt": "hi"}, BASES)
+
+
 def test_bad_json_and_service_field_names() -> None:
-    for raw in (b"{", b"[]", b"\xff"):
+    for raw in (b"{", b"\xff", b"[" * 100_000, b'{"n": ' + b"9" * 5000 + b"}"):
         with pytest.raises(InvalidRequest):
             parse_body(raw)
+    with pytest.raises(InvalidRequest, match="the body must be a JSON object"):
+        parse_body(b"[]")
+    with pytest.raises(InvalidRequest) as caught:
+        parse_completion({"model": "wuyu", "prompt": "hi", "temperature": 10**400}, BASES)
+    assert caught.value.param == "temperature"
     assert openai_param("max_new_tokens") == "max_tokens"
     assert openai_param("text") == "prompt" and openai_param("stop") == "stop"

@@ -316,9 +316,13 @@ class Engine:
             assert kv_row is not None
             request = row.request
             row.kv_row, row.slot, row.admitted_at = kv_row, slot, now
-            row.detok = IncrementalDetokenizer(self.tokenizer, request.sampling.stop)
-            if not request.sampling.greedy:
-                row.generator = make_generator(request.sampling.seed, self.device)
+            try:
+                row.detok = IncrementalDetokenizer(self.tokenizer, request.sampling.stop)
+                if not request.sampling.greedy:
+                    row.generator = make_generator(request.sampling.seed, self.device)
+            except Exception as exc:  # fails its own request only; frees its row and slot
+                self._finish(row, FinishReason.ERROR, error=f"admission: {exc}"[:300])
+                continue
             self._running.append(row)
 
     def _acquire_slot(self, row: _Row) -> int | None:

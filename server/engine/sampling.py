@@ -18,6 +18,11 @@ from server.errors import InvalidRequest
 
 MAX_STOP_STRINGS = 16
 MAX_STOP_BYTES = 256
+MIN_TEMPERATURE = 1e-3
+"""Below this (and above 0, greedy) logits / temperature overflow to inf in fp32."""
+MIN_REPETITION_PENALTY, MAX_REPETITION_PENALTY = 1e-2, 100.0
+SEED_LIMIT = 2**64
+"""torch generators take seeds in [0, 2**64)."""
 
 
 @dataclass(frozen=True)
@@ -57,14 +62,23 @@ class SamplingParams:
             raise InvalidRequest(
                 f"temperature must be a finite number >= 0, got {self.temperature}",
                 "temperature")
+        if 0 < self.temperature < MIN_TEMPERATURE:
+            raise InvalidRequest(f"temperature must be 0 (greedy) or >= {MIN_TEMPERATURE}, "
+                                 f"got {self.temperature}", "temperature")
         if not math.isfinite(self.top_p) or not 0 < self.top_p <= 1:
             raise InvalidRequest(f"top_p must be in (0, 1], got {self.top_p}", "top_p")
         if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 0:
             raise InvalidRequest(f"top_k must be an integer >= 0, got {self.top_k}", "top_k")
-        if not math.isfinite(self.repetition_penalty) or self.repetition_penalty <= 0:
+        if not math.isfinite(self.repetition_penalty) or not \
+                MIN_REPETITION_PENALTY <= self.repetition_penalty <= MAX_REPETITION_PENALTY:
             raise InvalidRequest(
-                f"repetition_penalty must be a finite number > 0, got {self.repetition_penalty}",
+                f"repetition_penalty must be in [{MIN_REPETITION_PENALTY}, "
+                f"{MAX_REPETITION_PENALTY}], got {self.repetition_penalty}",
                 "repetition_penalty")
+        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(
+                self.seed, int) or not 0 <= self.seed < SEED_LIMIT):
+            raise InvalidRequest(f"seed must be an integer in [0, 2**64), got "
+                                 f"{str(self.seed)[:24]}", "seed")
         if len(self.stop) > MAX_STOP_STRINGS:
             raise InvalidRequest(
                 f"at most {MAX_STOP_STRINGS} stop strings are allowed, got {len(self.stop)}",

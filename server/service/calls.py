@@ -13,9 +13,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import hmac
 import logging
 import math
 import re
+import secrets
 import time
 from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass, field
@@ -215,6 +217,8 @@ class _Outcome:
     status: Status = Status.OK
     message: str = ""
     recorded: bool = False
+    finished: bool = False
+    """Its last item (:class:`Finished`) was handed to the front-end."""
     started: float = field(default_factory=time.monotonic)
 
 
@@ -266,7 +270,9 @@ class CallRunner:
                 self.state.leave()
         except (asyncio.CancelledError, GeneratorExit):  # the client went away
             deadline = outcome.call.deadline if outcome.call else context.deadline
-            if deadline is not None and time.monotonic() >= deadline:  # ... at its deadline
+            if outcome.finished:  # closed after its last item: it was served
+                pass
+            elif deadline is not None and time.monotonic() >= deadline:  # ... at its deadline
                 outcome.status, outcome.message = Status.DEADLINE_EXCEEDED, "deadline"
             else:
                 outcome.status, outcome.message = Status.CANCELLED, "client cancelled"
@@ -309,6 +315,7 @@ class CallRunner:
                                    f"(request id {call.request_id})")
         if result.finish_reason == FinishReason.CANCELLED:
             raise CallCancelled("cancelled")
+        outcome.finished = True
         yield Finished(call, dispatched, result)
 
     def _internal(self, context: CallContext, outcome: _Outcome,
@@ -366,6 +373,10 @@ class CallRunner:
         log.info("generate", extra={"fields": fields})
 
 
+_USER_KEY = secrets.token_bytes(16)
+
+
 def hash_user(user: str) -> str:
-    """What a log may say about an end-user id: a short hash that groups calls by user."""
-    return hashlib.sha256(user.encode("utf-8", "replace")).hexdigest()[:12]
+    """What a log may say about an end-user id: a keyed hash that groups one server
+    run's calls by user; the key is random per process, so ids cannot be guessed back."""
+    return hmac.new(_USER_KEY, user.encode("utf-8", "replace"), hashlib.sha256).hexdigest()[:12]

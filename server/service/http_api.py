@@ -36,6 +36,7 @@ from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from fastapi.sse import format_sse_event
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 from starlette.types import Receive, Scope, Send
 
 from server.adapters.cache import AdapterCache
@@ -66,6 +67,14 @@ ERROR_CODES: dict[Status, str] = {
     Status.DEADLINE_EXCEEDED: "deadline_exceeded", Status.INTERNAL: "internal_error",
 }
 RETRY_AFTER_S = 1
+EXTRA_HEADERS: dict[int, dict[str, str]] = {
+    429: {"Retry-After": str(RETRY_AFTER_S)},
+    503: {"Retry-After": str(RETRY_AFTER_S)},
+    # The openai clients retry 409 and every 5xx unless told not to: a refused adapter
+    # stays refused, and a retry after a passed deadline would run the call again.
+    409: {"x-should-retry": "false"},
+    504: {"x-should-retry": "false"},
+}
 DRAIN_LIMIT_BYTES = 16 << 20
 MAX_MESSAGE_CHARS = 500
 _DONE = format_sse_event(data_str="[DONE]")
@@ -93,7 +102,7 @@ def domain_error(exc: SwitchboardError) -> tuple[int, dict[str, Any], dict[str, 
     param = openai_api.openai_param(exc.param) if isinstance(exc, InvalidRequest) else None
     if status == Status.NOT_FOUND:
         param = "model"
-    headers = {"Retry-After": str(RETRY_AFTER_S)} if code == 429 else {}
+    headers = dict(EXTRA_HEADERS.get(code, {}))
     return code, error_body(str(exc), type_, param, ERROR_CODES.get(status)), headers
 
 
@@ -103,24 +112,31 @@ class _EventStream(StreamingResponse):
 
     media_type = "text/event-stream"
 
+    def __init__(self, content: AsyncIterator[bytes], closing: AsyncGenerator[Any, None],
+                 headers: dict[str, str]) -> None:
+        """``closing``: the call's generator, closed whatever happens to ``content``."""
+        super().__init__(content, headers=headers)
+        self.closing = closing
+
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        await _until_disconnect(self._send_all(send), receive)
+        try:
+            await _until_disconnect(self._send_all(send), receive)
+        finally:  # also when the task was cancelled before it first ran
+            aclose = getattr(self.body_iterator, "aclose", None)
+            if aclose is not None:
+                await aclose()
+            await self.closing.aclose()
 
     async def _send_all(self, send: Send) -> None:
-        await send({"type": "http.response.start", "status": self.status_code,
-                    "headers": self.raw_headers})
-        iterator = self.body_iterator
         try:
-            async for chunk in iterator:
+            await send({"type": "http.response.start", "status": self.status_code,
+                        "headers": self.raw_headers})
+            async for chunk in self.body_iterator:
                 data = chunk.encode() if isinstance(chunk, str) else bytes(chunk)
                 await send({"type": "http.response.body", "body": data, "more_body": True})
             await send({"type": "http.response.body", "body": b"", "more_body": False})
         except OSError:  # the connection broke under a write
             pass
-        finally:
-            aclose = getattr(iterator, "aclose", None)
-            if aclose is not None:
-                await aclose()
 
 
 async def _until_disconnect(work: Awaitable[Any], receive: Receive) -> Any:
@@ -169,8 +185,7 @@ class HttpApi:
         app = FastAPI(title="Switchboard", docs_url=None, redoc_url=None, openapi_url=None)
         if self.settings.cors_origins:
             app.add_middleware(CORSMiddleware, allow_origins=list(self.settings.cors_origins),
-                               allow_methods=["GET", "POST"],
-                               allow_headers=["authorization", "content-type"])
+                               allow_methods=["GET", "POST"], allow_headers=["*"])
 
         @app.exception_handler(StarletteHTTPException)
         async def http_error(_request: Request, exc: StarletteHTTPException) -> Response:
@@ -207,8 +222,9 @@ class HttpApi:
     async def model(self, request: Request, model_id: str) -> Response:
         async def one() -> Response:
             rows = await self._model_rows()
+            wanted = self.base_id if model_id == "base" else model_id
             for row in rows:
-                if row["id"] == model_id:
+                if row["id"] == wanted:
                     return JSONResponse(row)
             raise HttpError(404, f"model {model_id[:40]!r} does not exist",
                             code="model_not_found")
@@ -249,6 +265,8 @@ class HttpApi:
             raw = await self._read_body(request)
         except HttpError as exc:
             return JSONResponse(error_body(exc.message, exc.type, code=exc.code), exc.status)
+        except ClientDisconnect:  # gone while sending its body: nobody to answer
+            return Response(status_code=499)
         parsed: list[openai_api.OpenAIRequest] = []
 
         def fields() -> Any:
@@ -276,7 +294,7 @@ class HttpApi:
         headers = {"x-request-id": started.call.request_id}
         if parsed[0].stream:
             return _EventStream(self._events(items, shaper, parsed[0].include_usage),
-                                headers=headers)
+                                items, headers)
         try:
             finished = await _until_disconnect(_last(items), request.receive)
         except SwitchboardError as exc:
@@ -386,6 +404,6 @@ class HttpServer:
         if self._server is None or self._task is None:
             return
         self._server.should_exit = True
-        with contextlib.suppress(Exception, asyncio.CancelledError):
-            await asyncio.wait_for(self._task, 10)
+        with contextlib.suppress(Exception):  # a cancel of the caller still propagates
+            await asyncio.wait_for(asyncio.shield(self._task), 10)
         self._server = None

@@ -22,7 +22,7 @@ from typing import Any
 
 from server.adapters.cache import AdapterInfo
 from server.engine.request import FinishReason, TokenChunk
-from server.errors import InvalidRequest, quote
+from server.errors import AdapterNotFound, InvalidRequest, quote
 from server.formats.manifest import ADAPTER_NAME_RE
 from server.service.calls import CallFields, Finished, Started
 from server.service.dispatch import Dispatched
@@ -60,7 +60,7 @@ class OpenAIRequest:
 def parse_body(raw: bytes) -> dict[str, Any]:
     try:
         body = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except (ValueError, RecursionError) as exc:  # also too deep, or a 5000-digit integer
         raise InvalidRequest(f"the body is not valid JSON ({str(exc)[:80]})") from None
     if not isinstance(body, dict):
         raise InvalidRequest("the body must be a JSON object")
@@ -114,9 +114,9 @@ def _parse(body: dict[str, Any], base_ids: tuple[str, ...], *, text: str | None 
             dialect = BASE
         elif ADAPTER_NAME_RE.fullmatch(model):
             dialect = model
-        else:
-            raise InvalidRequest(f"model {quote(model, 40)} is not an adapter name, 'base' "
-                                 "or 'auto'", "model")
+        else:  # no adapter can have this name: unknown, as OpenAI answers
+            raise AdapterNotFound(f"model {quote(model, 40)} does not exist (an adapter "
+                                  "name, 'base' or 'auto')")
     max_tokens = _optional(body, "max_completion_tokens", int)
     if max_tokens is None:
         max_tokens = _optional(body, "max_tokens", int)
@@ -180,7 +180,10 @@ def _optional(body: dict[str, Any], name: str, kind: type, param: str | None = N
         return None
     ok = isinstance(value, kind) and not (kind is not bool and isinstance(value, bool))
     if kind is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
+        try:
+            return float(value)
+        except OverflowError:
+            raise InvalidRequest(f"{name} is out of range", param or name) from None
     if not ok:
         names = {bool: "a boolean", int: "an integer", float: "a number", str: "a string"}
         raise InvalidRequest(f"{name} must be {names[kind]}, got {quote(value, 24)}",

@@ -50,8 +50,7 @@ class SwitchboardServicer(pb_grpc.SwitchboardServicer):
         async with contextlib.aclosing(self._serve(request, context)) as items:
             async for item in items:
                 if isinstance(item, Finished):
-                    response = convert.generate_response(item.call, item.dispatched,
-                                                         item.result)
+                    response = await self._respond(context, item, _response)
         assert response is not None
         return response
 
@@ -63,8 +62,8 @@ class SwitchboardServicer(pb_grpc.SwitchboardServicer):
         async with contextlib.aclosing(self._serve(request, context)) as items:
             async for item in items:
                 if isinstance(item, Finished):
-                    yield pb.GenerateStreamResponse(final=convert.generate_response(
-                        item.call, item.dispatched, item.result))
+                    yield pb.GenerateStreamResponse(
+                        final=await self._respond(context, item, _response))
                 elif isinstance(item, TokenChunk):
                     yield pb.GenerateStreamResponse(text=item.text, tokens=len(item.token_ids))
 
@@ -83,6 +82,19 @@ class SwitchboardServicer(pb_grpc.SwitchboardServicer):
                     yield item
         except SwitchboardError as exc:
             await context.abort(status_for(exc), str(exc)[:500])
+
+    async def _respond(self, context: grpc.aio.ServicerContext, item: Finished,
+                       build: Any) -> Any:
+        """``build(item)``; a failure there is INTERNAL with the request id, not grpc's
+        UNKNOWN with the exception's text."""
+        try:
+            return build(item)
+        except Exception as exc:
+            request_id = item.call.request_id
+            log.error("internal error", exc_info=exc,
+                      extra={"fields": {"request_id": request_id}})
+            await context.abort(grpc.StatusCode.INTERNAL,
+                                f"internal error (request id {request_id}); see the server log")
 
     # -- admin ---------------------------------------------------------------------------
     async def ListAdapters(self, request: pb.ListAdaptersRequest,
@@ -140,6 +152,10 @@ class SwitchboardServicer(pb_grpc.SwitchboardServicer):
         self.metrics.admin.labels("OK").inc()
         log.info("admin call", extra={"fields": {"rpc": rpc, "adapter": name[:64]}})
         return response
+
+
+def _response(item: Finished) -> pb.GenerateResponse:
+    return convert.generate_response(item.call, item.dispatched, item.result)
 
 
 def _name(name: str) -> str:
