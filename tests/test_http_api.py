@@ -225,6 +225,8 @@ def test_invalid_completions_are_refused_with_the_field(live_server, what, call,
         client(live_server).completions.create(**fields)
     type_ = "invalid_request_error"
     assert_error(caught.value, status, type_, param)
+    if param == "max_tokens":  # the message names the field as the client sent it
+        assert caught.value.body["message"].startswith("max_tokens")
     if status == 409:  # a refused adapter stays refused: the client must not retry
         assert caught.value.response.headers.get("x-should-retry") == "false"
 
@@ -358,10 +360,12 @@ def test_32_dropped_streams_leave_no_pins_rows_or_queue_entries(live_server):
 # -- keys, queue, life cycle --------------------------------------------------------------
 @pytest.fixture(scope="module")
 def keyed(tiny_model_dir, service_library):
-    """Keys required, one row and one queue place: auth and queue-full tests."""
+    """Keys required, one row and one queue place, CORS for one origin: auth, queue-full
+    and CORS tests."""
     root, routing, _ = service_library
     server = start_server(server_config(
         tiny_model_dir, root, routing, api_keys=(GEN_KEY,), metrics_port=-1,
+        cors_origins=("https://console.example",),
         engine=EngineConfig(max_batch_size=1, max_queue_size=1, max_model_len=256,
                             max_loras=2, max_lora_rank=16, max_new_tokens_limit=64)))
     yield server
@@ -380,6 +384,23 @@ def test_missing_or_wrong_key_is_401(keyed):
     reply = client(keyed, api_key=GEN_KEY).completions.create(model="wuyu", prompt="hi",
                                                              max_tokens=2)
     assert reply.usage.completion_tokens > 0
+
+
+def preflight(server: LiveServer) -> dict[str, str]:
+    url = server.server.http_url + "/chat/completions"
+    request = urllib.request.Request(url, method="OPTIONS", headers={
+        "origin": "https://console.example", "access-control-request-method": "POST",
+        "access-control-request-headers": "authorization,content-type"})
+    try:
+        with urllib.request.urlopen(request, timeout=30) as response:
+            return {k.lower(): v for k, v in response.headers.items()}
+    except urllib.error.HTTPError as error:
+        return {k.lower(): v for k, v in error.headers.items()}
+
+
+def test_cors_is_off_by_default_and_allows_only_the_configured_origins(keyed, live_server):
+    assert preflight(keyed).get("access-control-allow-origin") == "https://console.example"
+    assert "access-control-allow-origin" not in preflight(live_server)
 
 
 def test_queue_full_is_429_with_retry_after_and_the_client_retry_succeeds(keyed):

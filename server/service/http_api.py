@@ -99,11 +99,16 @@ def domain_error(exc: SwitchboardError) -> tuple[int, dict[str, Any], dict[str, 
     """(HTTP status, OpenAI error body, headers) of a domain error."""
     status = status_of(exc)
     code, type_ = HTTP_ERRORS[status]
-    param = openai_api.openai_param(exc.param) if isinstance(exc, InvalidRequest) else None
+    message = str(exc)
+    param = None
+    if isinstance(exc, InvalidRequest) and exc.param is not None:
+        param = openai_api.openai_param(exc.param)
+        if param != exc.param and message.startswith(exc.param):  # name it as sent
+            message = param + message[len(exc.param):]
     if status == Status.NOT_FOUND:
         param = "model"
     headers = dict(EXTRA_HEADERS.get(code, {}))
-    return code, error_body(str(exc), type_, param, ERROR_CODES.get(status)), headers
+    return code, error_body(message, type_, param, ERROR_CODES.get(status)), headers
 
 
 class _EventStream(StreamingResponse):
