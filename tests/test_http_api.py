@@ -412,6 +412,9 @@ def test_queue_full_is_429_with_retry_after_and_the_client_retry_succeeds(keyed)
     def refused() -> float:
         return registry.get_sample_value("switchboard_requests_total", labels) or 0.0
 
+    # wuyu resident in a device slot first: a slot copy would hold the first row out of
+    # the batch while the engine stalls below.
+    client(keyed, api_key=GEN_KEY).completions.create(model="wuyu", prompt="hi", max_tokens=1)
     gate = threading.Event()
     engine.fault_hook = lambda step: gate.wait(30)
     holders = []

@@ -100,11 +100,12 @@ def domain_error(exc: SwitchboardError) -> tuple[int, dict[str, Any], dict[str, 
     status = status_of(exc)
     code, type_ = HTTP_ERRORS[status]
     message = str(exc)
-    param = None
+    param: str | None = None
     if isinstance(exc, InvalidRequest) and exc.param is not None:
-        param = openai_api.openai_param(exc.param)
-        if param != exc.param and message.startswith(exc.param):  # name it as sent
-            message = param + message[len(exc.param):]
+        renamed = openai_api.PARAM_NAMES.get(exc.param, exc.param)
+        if renamed != exc.param and message.startswith(exc.param):  # name it as sent
+            message = renamed + message[len(exc.param):]
+        param = renamed
     if status == Status.NOT_FOUND:
         param = "model"
     headers = dict(EXTRA_HEADERS.get(code, {}))
