@@ -3,7 +3,8 @@
 ``parse_chat`` and ``parse_completion`` check every field's JSON type, name the first
 bad one in ``InvalidRequest.param`` and turn the body into :class:`CallFields`; the
 service's own rules (``calls.validate_call``) then apply exactly as on gRPC, and their
-``param`` is renamed to the OpenAI field (``max_new_tokens`` → ``max_tokens``).
+``param`` is renamed to the OpenAI field by ``PARAM_NAMES`` (``max_new_tokens`` →
+``max_tokens``; see ``http_api.domain_error``).
 
 ``model`` picks what serves the call: an adapter name (its manifest's default scale and
 prompt template), ``base`` or the base model's id, or ``auto``, where Switchboard's
@@ -189,11 +190,6 @@ def _optional(body: dict[str, Any], name: str, kind: type, param: str | None = N
         raise InvalidRequest(f"{name} must be {names[kind]}, got {quote(value, 24)}",
                              param or name)
     return value
-
-
-def openai_param(param: str | None) -> str | None:
-    """A service field name as the OpenAI body names it."""
-    return None if param is None else PARAM_NAMES.get(param, param)
 
 
 # -- responses -------------------------------------------------------------------------
