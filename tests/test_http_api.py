@@ -57,6 +57,12 @@ def raw(server: LiveServer, method: str, path: str, body: bytes | None = None,
         return error.code, dict(error.headers), json.loads(error.read())
 
 
+def calls_counted(server: LiveServer, **labels: str) -> float:
+    """The server's ``switchboard_requests_total`` for these labels (0 before any)."""
+    return server.server.metrics.registry.get_sample_value(
+        "switchboard_requests_total", labels) or 0.0
+
+
 def grpc_usage(server: LiveServer, **fields: Any) -> pb.GenerateResponse:
     return server.stub().Generate(pb.GenerateRequest(**fields), timeout=60)
 
@@ -180,11 +186,10 @@ def test_models_list_holds_the_base_and_every_servable_adapter(live_server):
 def test_health_ready_and_the_metrics_protocol_label(live_server):
     assert raw(live_server, "GET", "/health")[0] == 200
     assert raw(live_server, "GET", "/ready")[:3:2] == (200, {"status": "ready"})
-    registry = live_server.server.metrics.registry
     labels = {"adapter": "wuyu", "route": "explicit", "status": "OK", "protocol": "http"}
-    before = registry.get_sample_value("switchboard_requests_total", labels) or 0.0
+    before = calls_counted(live_server, **labels)
     client(live_server).completions.create(model="wuyu", prompt="hi", max_tokens=2)
-    assert registry.get_sample_value("switchboard_requests_total", labels) == before + 1
+    assert calls_counted(live_server, **labels) == before + 1
 
 
 # -- errors -------------------------------------------------------------------------------
@@ -325,12 +330,10 @@ def drop(connection: http.client.HTTPConnection, response: http.client.HTTPRespo
 
 def test_a_dropped_stream_frees_its_row_within_one_step(live_server):
     engine = live_server.engine
-    registry = live_server.server.metrics.registry
-    labels = {"adapter": "wuyu", "route": "explicit", "status": "CANCELLED",
-              "protocol": "http"}
 
     def cancelled() -> float:
-        return registry.get_sample_value("switchboard_requests_total", labels) or 0.0
+        return calls_counted(live_server, adapter="wuyu", route="explicit",
+                             status="CANCELLED", protocol="http")
 
     before = cancelled()
     connection, _response = open_stream(live_server, "drop-me")
@@ -405,12 +408,10 @@ def test_cors_is_off_by_default_and_allows_only_the_configured_origins(keyed, li
 
 def test_queue_full_is_429_with_retry_after_and_the_client_retry_succeeds(keyed):
     engine = keyed.engine
-    registry = keyed.server.metrics.registry
-    labels = {"adapter": "(none)", "route": "none", "status": "RESOURCE_EXHAUSTED",
-              "protocol": "http"}
 
     def refused() -> float:
-        return registry.get_sample_value("switchboard_requests_total", labels) or 0.0
+        return calls_counted(keyed, adapter="(none)", route="none",
+                             status="RESOURCE_EXHAUSTED", protocol="http")
 
     # wuyu resident in a device slot first: a slot copy would hold the first row out of
     # the batch while the engine stalls below.

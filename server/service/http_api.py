@@ -112,6 +112,16 @@ def domain_error(exc: SwitchboardError) -> tuple[int, dict[str, Any], dict[str, 
     return code, error_body(message, type_, param, ERROR_CODES.get(status)), headers
 
 
+def error_response(exc: SwitchboardError | HttpError,
+                   headers: dict[str, str] | None = None) -> JSONResponse:
+    """The JSON error response of a domain error or an HTTP-layer refusal."""
+    if isinstance(exc, HttpError):
+        return JSONResponse(error_body(exc.message, exc.type, code=exc.code), exc.status,
+                            headers=headers)
+    code, body, extra = domain_error(exc)
+    return JSONResponse(body, code, headers={**(headers or {}), **extra})
+
+
 class _EventStream(StreamingResponse):
     """SSE that cancels its producer the moment the client disconnects (ASGI
     ``http.disconnect``), not at the next failed write, and always closes it."""
@@ -253,11 +263,8 @@ class HttpApi:
             self.runner.check_key(request.headers.get("authorization"))
             self.state.check_open()
             return await run()
-        except HttpError as exc:
-            return JSONResponse(error_body(exc.message, exc.type, code=exc.code), exc.status)
-        except SwitchboardError as exc:
-            code, body, headers = domain_error(exc)
-            return JSONResponse(body, code, headers=headers)
+        except (HttpError, SwitchboardError) as exc:
+            return error_response(exc)
 
     # -- generation ----------------------------------------------------------------------
     async def chat(self, request: Request) -> Response:
@@ -270,7 +277,7 @@ class HttpApi:
         try:
             raw = await self._read_body(request)
         except HttpError as exc:
-            return JSONResponse(error_body(exc.message, exc.type, code=exc.code), exc.status)
+            return error_response(exc)
         except ClientDisconnect:  # gone while sending its body: nobody to answer
             return Response(status_code=499)
         parsed: list[openai_api.OpenAIRequest] = []
@@ -287,8 +294,7 @@ class HttpApi:
             started = await _until_disconnect(anext(items), request.receive)
         except SwitchboardError as exc:
             await items.aclose()
-            code, body, headers = domain_error(exc)
-            return JSONResponse(body, code, headers=headers)
+            return error_response(exc)
         except BaseException:
             await items.aclose()
             raise
@@ -304,8 +310,7 @@ class HttpApi:
         try:
             finished = await _until_disconnect(_last(items), request.receive)
         except SwitchboardError as exc:
-            code, body, extra = domain_error(exc)
-            return JSONResponse(body, code, headers={**headers, **extra})
+            return error_response(exc, headers)
         finally:
             await items.aclose()
         if finished is None:
