@@ -34,9 +34,6 @@ def assert_same_greedy(reference: Sequence[int], margins: Sequence[float],
     return False
 
 
-
-
-
 @dataclass(frozen=True)
 class OracleRun:
     tokens: list[int]
@@ -79,11 +76,20 @@ class PeftOracle:
         return OracleRun(tokens, [x[0].float().cpu() for x in out.logits])
 
     @torch.no_grad()
-    def logits(self, prompt: list[int], adapter: str | None, scale: float) -> torch.Tensor:
-        """Last-position logits for ``prompt``."""
+    def _all_logits(self, prompt: list[int], adapter: str | None, scale: float) -> torch.Tensor:
         ids = torch.tensor([prompt], device=self.model.device)
         if adapter is None:
             with self.model.disable_adapter():
-                return self.model(input_ids=ids).logits[0, -1].float().cpu()
+                return self.model(input_ids=ids).logits[0].float().cpu()
         self._set(adapter, scale)
-        return self.model(input_ids=ids).logits[0, -1].float().cpu()
+        return self.model(input_ids=ids).logits[0].float().cpu()
+
+    def logits(self, prompt: list[int], adapter: str | None, scale: float) -> torch.Tensor:
+        """Last-position logits for ``prompt``."""
+        return self._all_logits(prompt, adapter, scale)[-1]
+
+    def prompt_logprobs(self, prompt: list[int], adapter: str | None,
+                        scale: float) -> torch.Tensor:
+        """log p(prompt[i] | prompt[:i]) for i >= 1."""
+        logprobs = torch.log_softmax(self._all_logits(prompt, adapter, scale)[:-1], dim=-1)
+        return logprobs.gather(1, torch.tensor(prompt[1:])[:, None]).squeeze(1)

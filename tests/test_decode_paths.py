@@ -120,6 +120,47 @@ def test_fused_step_with_decode_rows_out_of_order_and_a_prefill(tiny_model_dir: 
     assert (outputs[0] - outputs[1]).abs().max() <= 1e-4
 
 
+@pytest.mark.parametrize("decode", ["eager", "fused"])
+def test_prompt_logprobs_equal_peft_through_chunked_prefill(decode: str, tiny_model_dir: Path,
+                                                            tmp_path: Path) -> None:
+    """Prompt scoring (perplexity through the serving path): each prompt token's
+    log-probability, computed in prefill chunks of 24 beside decoding rows, equals PEFT's
+    for base rows and for an adapter at scales 0.5 and 1.5."""
+    from transformers import AutoModelForCausalLM
+
+    from tests.lora_helpers import PeftOracle
+
+    adapter = make_random_adapter(tiny_model_dir, tmp_path / "a", 8, ALL_TARGETS, seed=4,
+                                  b_std=0.5)
+    loaded = load_base_model(tiny_model_dir, dtype="float32")
+    engine = Engine(loaded.model, loaded.tokenizer, EngineConfig(
+        max_batch_size=8, max_model_len=160, max_loras=2, max_lora_rank=16,
+        max_num_batched_tokens=64, prefill_chunk_size=24, decode=decode))
+    torch.manual_seed(0)
+    cases = [(torch.randint(0, 200, (n,)).tolist(), slot, scale)
+             for n, slot, scale in ((70, None, 0.0), (50, 0, 0.5), (2, 0, 1.5), (33, 0, 1.5))]
+    try:
+        engine.slots.load(0, read_peft_adapter(adapter))
+        talker = engine.submit(GenerationRequest(  # decodes while the others prefill
+            cases[0][0][:5], SamplingParams(max_new_tokens=40, ignore_eos=True)))
+        handles = [engine.submit(GenerationRequest(
+            ids, SamplingParams(max_new_tokens=2), adapter=slot, weight_scale=scale,
+            prompt_logprobs=True)) for ids, slot, scale in cases]
+        results = [h.result(timeout=120) for h in handles]
+        assert talker.result(timeout=120).prompt_logprobs is None  # not asked for
+    finally:
+        engine.stop()
+    oracle = PeftOracle(AutoModelForCausalLM.from_pretrained(tiny_model_dir,
+                                                             dtype=torch.float32),
+                        {"a": adapter})
+    for (ids, slot, scale), result in zip(cases, results, strict=True):
+        assert result.prompt_logprobs is not None
+        ours = torch.tensor(result.prompt_logprobs)
+        reference = oracle.prompt_logprobs(ids, None if slot is None else "a", scale)
+        assert ours.shape == reference.shape == (len(ids) - 1,)
+        torch.testing.assert_close(ours, reference, atol=1e-4, rtol=1e-4)
+
+
 def test_quantized_base_decodes_on_the_eager_path_and_says_why(tiny_model_dir: Path) -> None:
     loaded = load_base_model(tiny_model_dir, dtype="float32", quantize="nf4")
     path, note = choose_decode_path(loaded.model, "fused")

@@ -1,7 +1,7 @@
 """Retention control sets and metrics (trainer/retention.py) on the trainable tiny model
-(its logits are not near-uniform, so an adapter can cost perplexity): the
-engine's teacher-forced perplexity equals a plain forward's, scale 0 is the base, and
-a loud adapter's cost shows."""
+(its logits are not near-uniform, so an adapter can cost perplexity): the engine's
+perplexity (prefill log-probabilities) equals a plain forward's, scale 0 is the base,
+and a loud adapter's cost shows."""
 
 from __future__ import annotations
 

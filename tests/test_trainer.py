@@ -58,6 +58,7 @@ def make_config(folder: Path, base: Path, **keys) -> Path:
                 "target_modules": "all-linear", "lora_rank": 8, "lora_alpha": 16,
                 "dropout": 0.0, "batch_size": 4, "epochs": 60, "learning_rate": 1e-2,
                 "save_steps": 0, "eval_samples": 3, "eval_max_new_tokens": 12,
+                "control_samples": 0,  # retention: tests/test_trainer_retention.py
                 "publish_root": str(folder.parent / "published")}
     settings.update(keys)
     path = folder / "train.yaml"

@@ -119,6 +119,18 @@ class TrainConfig:
     eval_max_new_tokens: int = 64
     eval_samples: int = 64
     """Validation rows generated from at the end (chrF/BLEU for base and adapter)."""
+    scale_candidates: tuple[float, ...] = (0.5, 0.75, 1.0, 1.25, 1.5)
+    """The ``weight_scale`` values measured at the end (validation chrF and retention)."""
+    choose_scale: bool = True
+    """Publish the candidate with the best validation chrF within the retention limits as
+    ``default_weight_scale``; false: keep ``default_weight_scale`` as given."""
+    control_samples: int = 60
+    """Rows of each retention control set (Mandarin, English) generated from at the end;
+    0: retention is not measured (then it neither chooses the scale nor gates)."""
+    max_control_chrf_drop: float = 2.0
+    """Retention limit: chrF points the adapter may cost on either control set."""
+    max_perplexity_increase_pct: float = 10.0
+    """Retention limit: percent the adapter may raise perplexity on the general text."""
     device: str = "auto"
     config_dir: str = field(default=".", repr=False)
     """Set by the loader: the config file's folder, where inputs are looked for second."""
@@ -129,7 +141,8 @@ class TrainConfig:
         for name in positive:
             if getattr(self, name) <= 0:
                 raise InvalidOption(f"{name} must be > 0, got {getattr(self, name)}")
-        for name in ("save_steps", "eval_every", "early_stopping_patience", "eval_samples"):
+        for name in ("save_steps", "eval_every", "early_stopping_patience", "eval_samples",
+                     "control_samples"):
             if getattr(self, name) < 0:
                 raise InvalidOption(f"{name} must be >= 0, got {getattr(self, name)}")
         if not (math.isfinite(self.epochs) and self.epochs > 0):
@@ -163,6 +176,14 @@ class TrainConfig:
                                     f"{'> 0' if name == 'lora_alpha' else '>= 0'}, got {value}")
         if not (math.isfinite(self.default_weight_scale) and self.default_weight_scale >= 0):
             raise InvalidOption("default_weight_scale must be a finite number >= 0")
+        if not self.scale_candidates or not all(
+                math.isfinite(s) and 0 < s <= 4 for s in self.scale_candidates):
+            raise InvalidOption("scale_candidates must be a non-empty list of numbers in "
+                                f"(0, 4], got {list(self.scale_candidates)[:8]}")
+        for name in ("max_control_chrf_drop", "max_perplexity_increase_pct"):
+            if not (math.isfinite(getattr(self, name)) and getattr(self, name) >= 0):
+                raise InvalidOption(f"{name} must be a finite number >= 0, "
+                                    f"got {getattr(self, name)}")
 
     def input_candidates(self, value: str, data: bool = False) -> list[Path]:
         """Where an input path may be, in the order tried (see the module docstring)."""
@@ -198,6 +219,7 @@ class TrainConfig:
         data = asdict(self)
         data.pop("config_dir")
         data["target_modules"] = list(self.target_modules)
+        data["scale_candidates"] = list(self.scale_candidates)
         return data
 
 
@@ -229,6 +251,9 @@ def _coerce(key: str, value: Any, kind: Any) -> Any:
     def bad(what: str) -> InvalidOption:
         return InvalidOption(f"{key} must be {what}, got {str(value)[:40]!r}")
 
+    if kind == tuple[float, ...]:
+        items = value if isinstance(value, list | tuple) else [value]
+        return tuple(_coerce(key, item, float) for item in items)
     if typing.get_origin(kind) is tuple:
         if value == "all-linear":
             return ALL_LINEAR

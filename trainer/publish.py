@@ -5,9 +5,11 @@ names and moved into place with ``os.replace``, and the ``switchboard.json`` man
 which records their digests, comes last; the server accepts a version only when the
 files match the manifest, so it never serves a half-written adapter.
 
-The gate: nothing is published, unless ``force``, when the new adapter's validation chrF
-is below the base model's (an adapter that makes the model worse), or when an adapter of
-that name is already published with a validation chrF and the new one scores lower. The
+The gate: nothing is published, unless ``force``, when no measured ``weight_scale`` keeps
+the base model's other abilities within the retention limits (``trainer.scale_choice``),
+when the new adapter's validation chrF is below the base model's (an adapter that makes
+the model worse), or when an adapter of that name is already published with a
+validation chrF and the new one scores lower. The
 replaced version's files are kept in ``<name>/previous/`` for rollback.
 """
 
@@ -54,10 +56,12 @@ def _intact(folder: Path, manifest: AdapterManifest) -> bool:
 
 
 def gate(existing: AdapterManifest | None, new_chrf: float | None, force: bool,
-         base_chrf: float | None = None) -> str | None:
+         base_chrf: float | None = None, retention_problem: str | None = None) -> str | None:
     """Why publishing is refused, or None."""
     if force:
         return None
+    if retention_problem is not None:
+        return f"not published: {retention_problem} (use --force to publish anyway)"
     if new_chrf is not None and base_chrf is not None and new_chrf < base_chrf:
         return (f"not published: validation chrF {new_chrf:.2f} is below the base model's "
                 f"{base_chrf:.2f} (use --force to publish anyway)")
@@ -73,7 +77,8 @@ def gate(existing: AdapterManifest | None, new_chrf: float | None, force: bool,
     return None
 
 
-def model_card(config: TrainConfig, metrics: dict[str, float], version: str) -> str:
+def model_card(config: TrainConfig, metrics: dict[str, float], version: str,
+               weight_scale: float) -> str:
     rows = "\n".join(f"| {k} | {v:g} |" for k, v in sorted(metrics.items()))
     return f"""# {config.name}
 
@@ -83,7 +88,7 @@ LoRA adapter for Switchboard ({config.dialect or config.name}), version `{versio
 - base model: `{config.base_model}`; LoRA rank {config.lora_rank}, alpha {config.lora_alpha:g},
   targets {", ".join(config.target_modules)}
 - prompt template: `{config.prompt_template!r}`
-- default weight scale: {config.default_weight_scale:g}
+- default weight scale: {weight_scale:g} (`scale.png`: validation chrF and retention by scale)
 - training: {config.epochs:g} epochs, batch {config.batch_size} x {config.grad_accum},
   learning rate {config.learning_rate:g}, seed {config.seed}
 
@@ -108,15 +113,22 @@ def canonical_adapter_config(raw: bytes) -> bytes:
 
 def publish(config: TrainConfig, adapter_dir: Path, base_fingerprint: str,
             metrics: dict[str, float], data_digest: str, target: Path,
-            force: bool = False) -> PublishResult:
-    """Publish ``adapter_dir`` as ``target`` (``<publish_root>/<name>``) unless gated."""
+            force: bool = False, *, weight_scale: float | None = None,
+            retention_problem: str | None = None) -> PublishResult:
+    """Publish ``adapter_dir`` as ``target`` (``<publish_root>/<name>``) unless gated.
+
+    ``weight_scale`` (default: the config's) becomes the manifest's default scale;
+    ``retention_problem`` (no scale keeps the base's abilities within the limits)
+    refuses it unless ``force``, and a forced publish says so."""
+    scale = config.default_weight_scale if weight_scale is None else weight_scale
     existing = None
     if (target / MANIFEST_FILE).exists():
         try:
             existing = read_manifest(target / MANIFEST_FILE)
         except ManifestError:
             existing = None  # an unreadable manifest protects nothing
-    refusal = gate(existing, metrics.get("val_chrf"), force, metrics.get("val_chrf_base"))
+    refusal = gate(existing, metrics.get("val_chrf"), force, metrics.get("val_chrf_base"),
+                   retention_problem)
     if refusal is not None:
         return PublishResult(False, target, None, refusal)
     target.mkdir(parents=True, exist_ok=True)
@@ -138,10 +150,12 @@ def publish(config: TrainConfig, adapter_dir: Path, base_fingerprint: str,
         name=config.name, prompt_template=config.prompt_template,
         base_fingerprint=base_fingerprint, files=weight_file_digests(target),
         dialect=config.dialect or config.name, description=config.description,
-        default_weight_scale=config.default_weight_scale, training_data_digest=data_digest,
+        default_weight_scale=scale, training_data_digest=data_digest,
         metrics=numbers, training_config=config.to_dict())
     write_manifest(target, manifest)  # last: it makes the new version acceptable
     version = adapter_version(target)
-    (target / "README.md").write_text(model_card(config, numbers, version), encoding="utf-8")
+    (target / "README.md").write_text(model_card(config, numbers, version, scale),
+                                      encoding="utf-8")
+    forced = f" (forced: {retention_problem})" if retention_problem is not None else ""
     return PublishResult(True, target, version, f"published {config.name} {version[:12]} to "
-                                                f"{target}")
+                                                f"{target} at weight_scale {scale:g}{forced}")

@@ -16,11 +16,12 @@ from safetensors.torch import load_file
 from server.errors import InvalidOption
 from trainer.config import TrainConfig
 from trainer.data import encode
-from trainer.evaluate import plot_losses, validation_scores
+from trainer.evaluate import evaluate_run, plot_losses
 from trainer.loop import train_loop
 from trainer.model import load_for_training
 from trainer.plan import RunPlan, plan_run
 from trainer.publish import PublishResult, publish
+from trainer.scale_choice import plot_scale_curve
 
 log = logging.getLogger("switchboard.trainer")
 
@@ -83,25 +84,39 @@ def train(config: TrainConfig, plan: RunPlan | None = None, *, force: bool = Fal
         metrics["val_loss_final"] = round(progress.val_losses[-1][1], 5)
         metrics["best_step"] = progress.best_step
     eval_rows = [e.row for e in val_set.examples][: config.eval_samples]
+    evaluation = None
     if eval_rows:
         # Training is over: the plain base goes to the engine that scores like make eval.
         rank = _max_rank(model)
-        metrics.update(validation_scores(
-            model.unload(), tokenizer, base.base_fingerprint, adapter_dir, eval_rows,
-            config.prompt_template, config.eval_max_new_tokens, rank))
-        metrics["val_chrf"] = metrics["val_chrf_adapter"]
+        evaluation = evaluate_run(model.unload(), tokenizer, base.base_fingerprint,
+                                  adapter_dir, eval_rows, config, rank,
+                                  report=(lambda line: None) if quiet else _say)
+        metrics.update(evaluation.metrics)
     (output / "metrics.json").write_text(json.dumps(metrics, indent=2))
     plot_losses(output / "loss.png", progress.train_losses, progress.val_losses,
                 f"{config.name}: {progress.step} steps")
+    reports = ["metrics.json", "loss.png"]
+    if evaluation is not None and evaluation.curve is not None:
+        (output / "scale_curve.json").write_text(json.dumps(evaluation.curve, indent=2))
+        plot_scale_curve(output / "scale.png", evaluation.curve,
+                         f"{config.name}: validation chrF and retention by weight_scale")
+        reports += ["scale_curve.json", "scale.png"]
     published = None
     if plan.publish_to is not None:
-        published = publish(config, adapter_dir, base.base_fingerprint, metrics,
-                            plan.data_digest, plan.publish_to, force)
+        published = publish(
+            config, adapter_dir, base.base_fingerprint, metrics, plan.data_digest,
+            plan.publish_to, force,
+            weight_scale=evaluation.weight_scale if evaluation else None,
+            retention_problem=evaluation.retention_problem if evaluation else None)
         if published.published:
-            for name in ("metrics.json", "loss.png"):
+            for name in reports:
                 (published.folder / name).write_bytes((output / name).read_bytes())
     metrics["total_seconds"] = round(time.perf_counter() - started, 2)
     return RunResult(metrics, adapter_dir, output, published)
+
+
+def _say(line: str) -> None:
+    print(line, flush=True)
 
 
 def _max_rank(model: PeftModel) -> int:
@@ -113,8 +128,9 @@ def _max_rank(model: PeftModel) -> int:
 def summary_table(metrics: dict[str, Any]) -> str:
     keys = ["steps", "train_rows", "val_rows", "train_loss_initial", "train_loss_final",
             "val_loss_best", "val_chrf_base", "val_chrf_adapter", "val_bleu_base",
-            "val_bleu_adapter", "truncated_rows", "dropped_rows", "steps_per_s",
-            "total_seconds"]
+            "val_bleu_adapter", "weight_scale", "val_chrf", "control_mandarin_chrf_drop",
+            "control_english_chrf_drop", "perplexity_increase_pct", "truncated_rows",
+            "dropped_rows", "steps_per_s", "total_seconds"]
     width = max(len(k) for k in keys)
     return "\n".join(f"{k:<{width}}  {metrics[k]:.4g}" if isinstance(metrics[k], float)
                      else f"{k:<{width}}  {metrics[k]}" for k in keys if k in metrics)

@@ -219,7 +219,8 @@ class CompiledDecoder:
         """Logits of a pure decode step through a ready graph; None: run it another way."""
         segments = step.segments
         rows = len(segments)
-        if any(s.length != 1 for s in segments) or step.logit_rows != list(range(rows)):
+        if any(s.length != 1 for s in segments) or step.logit_rows != list(range(rows)) \
+                or step.scored_tokens:
             return None
         lora = self.slots.state.step
         if lora is not None and (lora.segments or lora.dense_index is not None

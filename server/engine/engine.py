@@ -74,6 +74,7 @@ class _Row:
     generated: list[int] = field(default_factory=list)
     pending_ids: list[int] = field(default_factory=list)  # tokens not yet in a chunk
     logits: list[torch.Tensor] = field(default_factory=list)
+    prompt_logprobs: list[float] = field(default_factory=list)
     detok: IncrementalDetokenizer | None = None
     generator: torch.Generator | None = None
 
@@ -237,7 +238,7 @@ class Engine:
             return False
         step_no = self.steps
         self.steps += 1
-        rows, step = self._plan()
+        rows, step, scored = self._plan()
         if not rows:
             return False
         started_at, started = time.monotonic(), time.perf_counter()
@@ -265,7 +266,10 @@ class Engine:
                 row.computed += segment.length
         # Greedy rows without a penalty (most traffic) share one argmax over the batch
         # instead of one small op (and on CUDA one device sync) per row.
-        best = logits.argmax(dim=-1).tolist() if step.logit_rows else []
+        count = len(step.logit_rows)
+        if scored:
+            self._record_prompt_logprobs(logits[count:], scored)
+        best = logits[:count].argmax(dim=-1).tolist() if count else []
         for logit_index, seg_index in enumerate(step.logit_rows):
             self._advance(rows[seg_index], logits[logit_index], best[logit_index])
         self.trace.append(StepTrace(
@@ -333,12 +337,16 @@ class Engine:
             return adapter
         return adapter.try_acquire_slot()
 
-    def _plan(self) -> tuple[list[_Row], StepInput]:
+    def _plan(self) -> tuple[list[_Row], StepInput, list[tuple[_Row, list[int]]]]:
+        """The step's rows and input, and for rows scoring their prompt the next-token ids
+        whose log-probabilities this step's ``scored_tokens`` give."""
         budget = self.config.max_num_batched_tokens
         rows: list[_Row] = []
         segments: list[Segment] = []
         ids: list[int] = []
         logit_rows: list[int] = []
+        scored_tokens: list[int] = []
+        scored: list[tuple[_Row, list[int]]] = []
         decoding = [r for r in self._running if not r.prefilling]
         prefilling = [r for r in self._running if r.prefilling]
         for row in decoding:
@@ -355,12 +363,29 @@ class Engine:
                 break
             if row.computed + n == len(prompt):
                 logit_rows.append(len(segments))
+            if row.request.prompt_logprobs:
+                # The logits at position p score prompt token p + 1 (the last position's
+                # logits choose the first new token, as for any row).
+                last = min(row.computed + n, len(prompt) - 1)
+                scored_tokens.extend(range(len(ids), len(ids) + last - row.computed))
+                scored.append((row, prompt[row.computed + 1 : last + 1]))
             segments.append(Segment(row.kv_row, len(ids), n, row.computed))
             ids.extend(prompt[row.computed : row.computed + n])
             rows.append(row)
             budget -= n
-        step = StepInput(torch.tensor(ids, device=self.device), segments, logit_rows)
-        return rows, step
+        step = StepInput(torch.tensor(ids, device=self.device), segments, logit_rows,
+                         scored_tokens)
+        return rows, step, [(row, targets) for row, targets in scored if targets]
+
+    def _record_prompt_logprobs(self, logits: torch.Tensor,
+                                scored: list[tuple[_Row, list[int]]]) -> None:
+        targets = torch.tensor([t for _, ids in scored for t in ids], device=logits.device)
+        logprobs = torch.log_softmax(logits.float(), dim=-1).gather(
+            1, targets[:, None]).squeeze(1).tolist()
+        offset = 0
+        for row, ids in scored:
+            row.prompt_logprobs.extend(logprobs[offset : offset + len(ids)])
+            offset += len(ids)
 
     def _advance(self, row: _Row, logits: torch.Tensor, best: int) -> None:
         """Append the row's next token (``best`` is its logits' argmax) and emit text."""
@@ -428,6 +453,9 @@ class Engine:
             if row.first_token_at else None,
             total_time_s=now - row.submitted_at,
             logits=row.logits if request.record_logits else None,
+            prompt_logprobs=tuple(row.prompt_logprobs)
+            if request.prompt_logprobs and len(row.prompt_logprobs) == len(request.prompt_ids) - 1
+            else None,
             error=error,
             first_token_at=row.first_token_at,
             finished_at=now,

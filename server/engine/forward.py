@@ -15,7 +15,7 @@ in its own (usually one or two per step).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -41,6 +41,14 @@ class StepInput:
     input_ids: torch.Tensor  # [tokens] long
     segments: list[Segment]
     logit_rows: list[int]  # indexes into segments whose last token needs logits
+    scored_tokens: list[int] = field(default_factory=list)
+    """Further token indexes whose logits are wanted (prompt scoring), returned after the
+    ``logit_rows`` ones."""
+
+    def logit_tokens(self, device: torch.device) -> torch.Tensor:
+        """Indexes of the tokens whose logits the forward returns, in order."""
+        last = [self.segments[i].start + self.segments[i].length - 1 for i in self.logit_rows]
+        return torch.tensor(last + self.scored_tokens, device=device, dtype=torch.long)
 
 
 def kv_write_index(rows: torch.Tensor, positions: torch.Tensor, kv_heads: int,
@@ -146,7 +154,8 @@ class BatchedLlama:
 
     @torch.inference_mode()
     def forward(self, step: StepInput) -> torch.Tensor:
-        """Logits ``[len(step.logit_rows), vocab]`` for the last token of those rows."""
+        """Logits ``[len(step.logit_rows), vocab]`` for the last token of those rows, then
+        those of ``step.scored_tokens``."""
         device = step.input_ids.device
         plan = _AttentionPlan(step, device)
         hidden = self.inner.embed_tokens(step.input_ids)  # [tokens, hidden]
@@ -171,11 +180,7 @@ class BatchedLlama:
             residual = hidden
             hidden = residual + layer.mlp(layer.post_attention_layernorm(hidden))
 
-        last = torch.tensor(
-            [step.segments[i].start + step.segments[i].length - 1 for i in step.logit_rows],
-            device=device, dtype=torch.long,
-        )
-        final = self.inner.norm(hidden.index_select(0, last))  # [rows, hidden]
+        final = self.inner.norm(hidden.index_select(0, step.logit_tokens(device)))
         if self._head_weight is not None:
             return torch.matmul(self._head_weight, final.t()).t().float()  # [rows, vocab]
         return self.model.lm_head(final).float()

@@ -194,7 +194,8 @@ class FusedLlama(BatchedLlama):
 
     @torch.inference_mode()
     def forward(self, step: StepInput) -> torch.Tensor:
-        """Logits ``[len(step.logit_rows), vocab]`` for the last token of those rows."""
+        """Logits ``[len(step.logit_rows), vocab]`` for the last token of those rows, then
+        those of ``step.scored_tokens``."""
         if self.compiled is not None:
             logits = self.compiled.try_run(step)
             if logits is not None:
@@ -230,14 +231,11 @@ class FusedLlama(BatchedLlama):
             hidden = hidden + down
 
         if step.logit_rows == list(range(len(step.logit_rows))) and idx.decode_is_prefix \
-                and len(step.logit_rows) == idx.decode_count == tokens:
+                and len(step.logit_rows) == idx.decode_count == tokens \
+                and not step.scored_tokens:
             last_hidden = hidden  # a pure decode step: every token needs its logits
         else:
-            last = torch.tensor(
-                [step.segments[i].start + step.segments[i].length - 1 for i in step.logit_rows],
-                device=hidden.device, dtype=torch.long,
-            )
-            last_hidden = hidden.index_select(0, last)
+            last_hidden = hidden.index_select(0, step.logit_tokens(hidden.device))
         final = F.rms_norm(last_hidden, (width,), self.final_norm, self.eps)
         return self.head(final).float()
 

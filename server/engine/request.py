@@ -66,6 +66,9 @@ class GenerationRequest:
     """Teacher forcing: emit these tokens instead of sampling (scoring, oracle tests)."""
     record_logits: bool = False
     """Keep each generated position's logits in the result (scoring, oracle tests)."""
+    prompt_logprobs: bool = False
+    """Return the log-probability of each prompt token after the first, given the tokens
+    before it, computed in prefill (perplexity through the serving path)."""
 
 
 @dataclass(frozen=True)
@@ -89,6 +92,8 @@ class GenerationResult:
     with ``first_token_at``)."""
     total_time_s: float
     logits: list[torch.Tensor] | None = None
+    prompt_logprobs: tuple[float, ...] | None = None
+    """``len(prompt_ids) - 1`` values when the request asked for them and its prefill ran."""
     error: str | None = None
     first_token_at: float | None = None
     """``time.monotonic()`` when the first token was chosen."""
