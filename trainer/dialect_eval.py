@@ -10,11 +10,16 @@ and the share of distinct outputs for:
 5. the adapter at its manifest's ``default_weight_scale``;
 6. each other shipped adapter on this test set (routing to the wrong dialect).
 
+Before that, the scale curve (``trainer.scale_choice``): validation chrF on
+``data/val.csv`` and retention on the control sets (``trainer.retention``) at every
+candidate scale of the adapter's ``train.yaml``, with its limits; ``scale.png`` beside
+the adapter.
+
 Generation and scoring are ``trainer.scoring``'s, the same as the trainer's publish gate
 (the server's own engine, batched, greedy, ``max_new_tokens`` 48, every output cut at its
 first newline), so what is measured is what the server would answer. ``--choose-scale``
-first picks the ``default_weight_scale`` with the best validation chrF and writes it to
-the manifest.
+writes the scale with the best validation chrF within the retention limits to the
+manifest as ``default_weight_scale`` before the test-set runs.
 Results go to ``adapters/<name>/eval.json`` and the table in ``adapters/README.md``.
 
     python -m trainer.dialect_eval [--adapter wuyu] [--choose-scale]
@@ -34,7 +39,10 @@ from server.basemodel import load_base_model
 from server.formats.manifest import MANIFEST_FILE, read_manifest, write_manifest
 from server.formats.prompt import build_prompt, render_prompt
 from server.service.config import REPO_ROOT
+from trainer.config import load_train_config
+from trainer.retention import load_control_sets
 from trainer.rows import Row, read_rows
+from trainer.scale_choice import RetentionLimits, plot_scale_curve, scale_curve, summary_line
 from trainer.scoring import EngineGenerator, scores, sentence_chrf
 
 ROOT = REPO_ROOT / "adapters"
@@ -65,21 +73,52 @@ def best_constant(train: list[Row], references: list[str]) -> tuple[str, dict[st
     return best_label, best
 
 
-def choose_scale(gen: EngineGenerator, name: str) -> float:
+def scale_settings(folder: Path) -> tuple[RetentionLimits, list[float], int | None]:
+    """The retention limits, candidate scales and control rows from the adapter's
+    ``train.yaml`` (the trainer's defaults when it has none)."""
+    config = load_train_config(folder / "train.yaml") if (folder / "train.yaml").exists() \
+        else None
+    if config is None:
+        return RetentionLimits(), sorted({*SCALES, 1.0}), None
+    limits = RetentionLimits(config.max_control_chrf_drop, config.max_perplexity_increase_pct)
+    return limits, sorted({*config.scale_candidates, 1.0}), config.control_samples or None
+
+
+def measure_scale_curve(gen: EngineGenerator, name: str) -> dict[str, Any]:
+    """Validation chrF (``data/val.csv``) and retention at every candidate scale, the
+    choice under the limits, and ``scale.png``."""
     folder = ROOT / name
     manifest = read_manifest(folder / MANIFEST_FILE)
-    val = read_rows(folder / "data" / "val.csv")
-    prompts = [build_prompt(manifest.prompt_template, r.text, gen.tokenizer) for r in val]
-    results = {scale: scores(gen.run(prompts, name, scale), [r.label for r in val])["chrf"]
-               for scale in SCALES}
-    best = max(results, key=lambda s: (results[s], -abs(s - 1.0)))
-    write_manifest(folder, replace(manifest, default_weight_scale=best))
-    gen.cache.reload(name)  # the manifest changed: a new version
-    print(f"{name}: validation chrF by scale {results}; default_weight_scale = {best}")
-    return best
+    limits, scales, samples = scale_settings(folder)
+    curve = scale_curve(gen, manifest.prompt_template, name, read_rows(folder / "data" /
+                                                                       "val.csv"),
+                        load_control_sets(), scales, limits, samples=samples)
+    plot_scale_curve(folder / "scale.png", curve,
+                     f"{name}: validation chrF and retention by weight_scale")
+    for scale in scales:
+        print(f"{name}: {summary_line(curve, scale)}", flush=True)
+    return curve
 
 
-def evaluate(gen: EngineGenerator, name: str, others: list[str]) -> dict[str, Any]:
+def choose_scale(gen: EngineGenerator, name: str, curve: dict[str, Any]) -> float:
+    """Write the curve's chosen scale into the manifest (kept as is when none is within
+    the limits)."""
+    folder = ROOT / name
+    manifest = read_manifest(folder / MANIFEST_FILE)
+    chosen = curve["chosen_scale"]
+    if chosen is None:
+        print(f"{name}: {curve['choice']}; default_weight_scale stays "
+              f"{manifest.default_weight_scale:g}", flush=True)
+        return manifest.default_weight_scale
+    if chosen != manifest.default_weight_scale:
+        write_manifest(folder, replace(manifest, default_weight_scale=chosen))
+        gen.cache.reload(name)  # the manifest changed: a new version
+    print(f"{name}: {curve['choice']}; default_weight_scale = {chosen:g}", flush=True)
+    return float(chosen)
+
+
+def evaluate(gen: EngineGenerator, name: str, others: list[str],
+             curve: dict[str, Any]) -> dict[str, Any]:
     folder = ROOT / name
     manifest = read_manifest(folder / MANIFEST_FILE)
     template = manifest.prompt_template
@@ -90,16 +129,17 @@ def evaluate(gen: EngineGenerator, name: str, others: list[str]) -> dict[str, An
     shots = random.Random(0).sample(train, min(5, len(train)))
     few_shot = [gen.tokenizer.encode(few_shot_prompt(template, shots, r.text),
                                      add_special_tokens=False) for r in test]
-    outputs = {
-        "base": gen.run(prompts, None, 0.0),
-        "base_5shot": gen.run(few_shot, None, 0.0),
-        "adapter_scale_1": gen.run(prompts, name, 1.0),
-        "adapter_default_scale": gen.run(prompts, name, manifest.default_weight_scale),
+    pending = {  # every system submitted before any is collected: full batches
+        "base": gen.submit(prompts, None, 0.0),
+        "base_5shot": gen.submit(few_shot, None, 0.0),
+        "adapter_scale_1": gen.submit(prompts, name, 1.0),
+        "adapter_default_scale": gen.submit(prompts, name, manifest.default_weight_scale),
     }
     for other in others:
         other_template = read_manifest(ROOT / other / MANIFEST_FILE).prompt_template
         other_prompts = [build_prompt(other_template, r.text, gen.tokenizer) for r in test]
-        outputs[f"wrong_adapter_{other}"] = gen.run(other_prompts, other, 1.0)
+        pending[f"wrong_adapter_{other}"] = gen.submit(other_prompts, other, 1.0)
+    outputs = {key: gen.collect(handles) for key, handles in pending.items()}
     constant_label, constant = best_constant(train, refs)
     rows = {key: scores(value, refs) for key, value in outputs.items()}
     rows["best_constant"] = constant
@@ -118,7 +158,8 @@ def evaluate(gen: EngineGenerator, name: str, others: list[str]) -> dict[str, An
               "test_rows": len(test), "max_new_tokens": MAX_NEW_TOKENS, "rows": rows,
               "best_constant_label": constant_label, "shots": [s.text for s in shots],
               "adapter_right_base_wrong": [sample(i) for i in wins],
-              "both_fail": [sample(i) for i in fails], "outputs": outputs}
+              "both_fail": [sample(i) for i in fails], "scale_curve": curve,
+              "outputs": outputs}
     (folder / "eval.json").write_text(json.dumps(result, ensure_ascii=False, indent=2))
     return result
 
@@ -145,6 +186,30 @@ def table(results: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def curve_table(results: list[dict[str, Any]]) -> str:
+    """Validation chrF and retention per scale, each adapter's chosen scale in bold."""
+    lines = ["| adapter | weight_scale | val chrF | Mandarin control chrF (Δ) | "
+             "English control chrF (Δ) | perplexity (Δ) | within limits |",
+             "| --- | --- | --- | --- | --- | --- | --- |"]
+    for result in results:
+        curve, name = result["scale_curve"], result["adapter"]
+        base = curve["base"]
+        lines.append(f"| {name} | base model | {base['val_chrf']:.1f} | "
+                     f"{base['mandarin_chrf']:.1f} | {base['english_chrf']:.1f} | "
+                     f"{base['perplexity']:.2f} | |")
+        for key in sorted(curve["by_scale"], key=float):
+            p = curve["by_scale"][key]
+            scale = f"**{key}** (chosen)" if curve["chosen_scale"] is not None and \
+                float(key) == curve["chosen_scale"] else key
+            lines.append(
+                f"| {name} | {scale} | {p['val_chrf']:.1f} | {p['mandarin_chrf']:.1f} "
+                f"({-p['mandarin_chrf_drop']:+.1f}) | {p['english_chrf']:.1f} "
+                f"({-p['english_chrf_drop']:+.1f}) | {p['perplexity']:.2f} "
+                f"({p['perplexity_increase_pct']:+.1f}%) | "
+                f"{'yes' if p['within_limits'] else 'no'} |")
+    return "\n".join(lines)
+
+
 def samples_markdown(results: list[dict[str, Any]]) -> str:
     parts = []
     for result in results:
@@ -163,8 +228,17 @@ def update_readme(results: list[dict[str, Any]]) -> None:
     """Replace the text between the markers in ``adapters/README.md`` (or append it)."""
     readme = ROOT / "README.md"
     text = readme.read_text(encoding="utf-8")
-    block = (f"{TABLE_BEGIN}\n\n{table(results)}\n\nSamples (default scale; outputs cut at "
-             f"the first newline):\n{samples_markdown(results)}\n\n{TABLE_END}")
+    limits = results[0]["scale_curve"]["limits"]
+    plots = " ".join(f"![{r['adapter']}]({r['adapter']}/scale.png)" for r in results)
+    block = (f"{TABLE_BEGIN}\n\n{table(results)}\n\n"
+             f"Validation chrF (`data/val.csv`) and retention by `weight_scale`: chrF on the "
+             f"control sets through the adapter's template (Δ against the base model) and "
+             f"perplexity on the general text; limits (each adapter's `train.yaml`): control "
+             f"chrF drop ≤ {limits['max_control_chrf_drop']:g} points, perplexity increase ≤ "
+             f"{limits['max_perplexity_increase_pct']:g}%. The chosen scale is the one the "
+             f"manifest serves by default.\n\n{curve_table(results)}\n\n{plots}\n\n"
+             f"Samples (default scale; outputs cut at the first newline):\n"
+             f"{samples_markdown(results)}\n\n{TABLE_END}")
     if TABLE_BEGIN in text and TABLE_END in text:
         head, rest = text.split(TABLE_BEGIN, 1)
         text = head + block + rest.split(TABLE_END, 1)[1]
@@ -182,7 +256,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m trainer.dialect_eval")
     parser.add_argument("--adapter", action="append", help="default: every shipped adapter")
     parser.add_argument("--choose-scale", action="store_true",
-                        help="pick default_weight_scale on val.csv and write the manifest")
+                        help="write the scale with the best validation chrF within the "
+                             "retention limits (train.yaml) into the manifest")
     parser.add_argument("--compare-with", type=Path, metavar="EVAL_JSON",
                         help="an earlier eval.json of the same adapter: print the test chrF "
                              "difference, exit 1 if it is over 2 points (make reproduce)")
@@ -194,11 +269,13 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     gen = open_generator()
     try:
+        curves = {name: measure_scale_curve(gen, name) for name in names}
         if args.choose_scale:
             for name in names:
-                choose_scale(gen, name)
+                choose_scale(gen, name, curves[name])
         everyone = shipped()
-        results = [evaluate(gen, name, [o for o in everyone if o != name]) for name in names]
+        results = [evaluate(gen, name, [o for o in everyone if o != name], curves[name])
+                   for name in names]
     finally:
         gen.close()
     if sorted(names) == everyone:
