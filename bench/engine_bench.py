@@ -4,7 +4,9 @@ Workload (issue #3): 16 concurrent requests arriving staggered, 8 distinct rank-
 adapters targeting q_proj and v_proj (what the trainer makes by default), prompt
 lengths from ~20 to ~200 tokens, 64 new tokens each (EOS ignored so every setup does
 the same work), the default base model. A second engine run with 8 rank-8 adapters on
-all seven linear layers is reported beside it (``mixed_all_targets``).
+all seven linear layers is reported beside it (``mixed_all_targets``), and one where
+half the rows compose two of the q,v adapters on one request (``mixed_composed``, a
+dialect plus a terminology pack).
 
   (a) engine, no adapters        (b) engine, 8 mixed adapters in one batch
   (c) naive PEFT: set_adapter + generate, one request at a time
@@ -68,15 +70,19 @@ def make_prompts(tokenizer) -> list[list[int]]:
     return prompts
 
 
-def run_engine(engine: Engine, prompts: list[list[int]], use_adapters: bool) -> dict:
+def run_engine(engine: Engine, prompts: list[list[int]], use_adapters: bool,
+               compose: bool = False) -> dict:
+    """``compose``: every other row adds the next slot's adapter at scale 0.6."""
     sampling = SamplingParams(max_new_tokens=NEW_TOKENS, ignore_eos=True)
     handles = []
 
     def arrivals() -> None:
         for i, ids in enumerate(prompts):
             adapter = i % NUM_ADAPTERS if use_adapters else None
+            composed = ((((i + 1) % NUM_ADAPTERS, 0.6),) if compose and i % 2 == 0 else ())
             handles.append(engine.submit(GenerationRequest(ids, sampling, adapter=adapter,
-                                                           weight_scale=1.0)))
+                                                           weight_scale=1.0,
+                                                           composed=composed)))
             time.sleep(ARRIVAL_GAP_S)  # staggered arrivals are part of the workload
 
     started = time.perf_counter()
@@ -187,15 +193,19 @@ def main() -> None:
     run_engine(engine, prompts, use_adapters=True)
     # The three engine setups run interleaved, ROUNDS times, so that a slow spell of
     # this shared machine does not land on one setup only; each figure sums its rounds.
-    rounds: dict[str, list[dict]] = {"base_only": [], "mixed": [], "mixed_all_targets": []}
+    rounds: dict[str, list[dict]] = {"base_only": [], "mixed": [], "mixed_composed": [],
+                                     "mixed_all_targets": []}
     for round_no in range(ROUNDS):
-        print(f"engine round {round_no + 1}/{ROUNDS}: base, mixed, all targets ...", flush=True)
+        print(f"engine round {round_no + 1}/{ROUNDS}: base, mixed, composed, all targets ...",
+              flush=True)
         load_slots(engine, adapters)
         rounds["base_only"].append(run_engine(engine, prompts, use_adapters=False))
         rounds["mixed"].append(run_engine(engine, prompts, use_adapters=True))
+        rounds["mixed_composed"].append(run_engine(engine, prompts, use_adapters=True,
+                                                   compose=True))
         load_slots(engine, adapters_all)
         rounds["mixed_all_targets"].append(run_engine(engine, prompts, use_adapters=True))
-    base_only, mixed, mixed_all = (combine(rounds[k]) for k in rounds)
+    base_only, mixed, mixed_composed, mixed_all = (combine(rounds[k]) for k in rounds)
     load_slots(engine, adapters)
     print("engine: TTFT mid-batch ...", flush=True)
     ttfts = ttft_mid_batch(engine, prompts)
@@ -223,12 +233,14 @@ def main() -> None:
         "peft_sequential": round(sequential["tokens_per_s"], 2),
         "peft_mixed_batch": round(mixed_batch["tokens_per_s"], 2),
         "mixed_all_targets": round(mixed_all["tokens_per_s"], 2),
+        "mixed_composed": round(mixed_composed["tokens_per_s"], 2),
     }
     ratios = {
         "mixed_vs_base_only": target(tps["mixed"] / tps["base_only"], 0.85),
         "mixed_vs_peft_sequential": target(tps["mixed"] / tps["peft_sequential"], 5.0),
         "mixed_vs_peft_mixed_batch": target(tps["mixed"] / tps["peft_mixed_batch"], 1.0),
         "mixed_all_targets_vs_base_only": round(tps["mixed_all_targets"] / tps["base_only"], 4),
+        "mixed_composed_vs_mixed": target(tps["mixed_composed"] / tps["mixed"], 0.9),
     }
     ttft_p50 = statistics.median(ttfts)
     payload = {
@@ -246,7 +258,8 @@ def main() -> None:
         "ttft_mid_batch_p50_s": round(ttft_p50, 4),
         "ttft_mid_batch_s": [round(t, 4) for t in ttfts],
         "runs": {"base_only": base_only, "mixed": mixed, "peft_sequential": sequential,
-                 "peft_mixed_batch": mixed_batch, "mixed_all_targets": mixed_all},
+                 "peft_mixed_batch": mixed_batch, "mixed_all_targets": mixed_all,
+                 "mixed_composed": mixed_composed},
     }
     path = write_results("engine", payload, args.suffix)
     rows = [(f"tokens/s {k}", f"{v:.1f}") for k, v in tps.items()]

@@ -6,7 +6,7 @@ import argparse
 import sys
 
 from clients.cli_common import add_connection_flags, connect, run, to_json
-from clients.messages import GenerateResult, StreamChunk
+from clients.messages import GenerateResult, StreamChunk, parse_adapter_spec
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -17,6 +17,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("text", nargs="?", help="the caller's utterance (sent as text)")
     parser.add_argument("--prompt", help="send this prompt verbatim instead of an utterance")
     parser.add_argument("--dialect", default="", help="adapter name, e.g. wuyu")
+    parser.add_argument("--adapter", action="append", default=[], metavar="NAME[@SCALE]",
+                        help="compose adapters on this call, e.g. --adapter wuyu "
+                             "--adapter telecom_terms@0.6 (repeatable; not with --dialect)")
     parser.add_argument("--caller-number", default="", help="route by number, e.g. +862155551234")
     parser.add_argument("--region", default="", help="route by region, e.g. CN-GD or HK")
     parser.add_argument("--weight-scale", type=float, help="adapter strength (default: manifest)")
@@ -36,6 +39,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def summary(result: GenerateResult) -> str:
     adapter = f"{result.adapter} {result.adapter_version[:8]}" if result.adapter else "base"
+    if len(result.adapters) > 1:
+        adapter = " + ".join(f"{a.name}@{a.weight_scale:g} {a.version[:8]}"
+                             for a in result.adapters)
     route = result.route + (f" {result.route_detail}" if result.route_detail else "")
     line = (f"[{adapter} · {route} · {result.completion_tokens} tokens, {result.finish_reason}"
             f" · {result.total_ms:.0f} ms]")
@@ -50,7 +56,7 @@ def _generate(args: argparse.Namespace) -> int:
                    max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                    top_p=args.top_p, top_k=args.top_k,
                    repetition_penalty=args.repetition_penalty, seed=args.seed, stop=args.stop,
-                   request_id=args.request_id)
+                   request_id=args.request_id, adapters=args.adapter)
     with connect(args) as client:
         if not args.stream:
             result = client.generate(args.text, **options)
@@ -77,4 +83,9 @@ def main(argv: list[str]) -> int:
     args = parser.parse_args(argv[1:])
     if (args.text is None) == (args.prompt is None):
         parser.error("give either an utterance or --prompt")
+    for spec in args.adapter:
+        try:
+            parse_adapter_spec(spec)
+        except ValueError as exc:
+            parser.error(str(exc))
     return run(_generate, args)

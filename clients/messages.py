@@ -33,6 +33,19 @@ class GenerateResult:
     queue_ms: float
     time_to_first_token_ms: float
     total_ms: float
+    adapters: tuple[UsedAdapter, ...] = ()
+    """Every adapter that answered, in order (one unless the call composed several)."""
+
+
+@dataclass(frozen=True)
+class UsedAdapter:
+    name: str
+    version: str
+    weight_scale: float
+
+
+AdapterSpec = str | tuple[str, float | None]
+"""A composition's part: a name, or (name, weight_scale); ``"telecom_terms@0.6"`` too."""
 
 
 @dataclass(frozen=True)
@@ -79,6 +92,8 @@ def generate_result(response: pb.GenerateResponse) -> GenerateResult:
         request_id=response.request_id, queue_ms=response.timings.queue_ms,
         time_to_first_token_ms=response.timings.time_to_first_token_ms,
         total_ms=response.timings.total_ms,
+        adapters=tuple(UsedAdapter(a.name, a.version, a.weight_scale)
+                       for a in response.adapters),
     )
 
 
@@ -102,11 +117,17 @@ def generate_request(
     max_new_tokens: int | None = None, temperature: float | None = None,
     top_p: float | None = None, top_k: int | None = None,
     repetition_penalty: float | None = None, seed: int | None = None,
-    stop: Sequence[str] = (), request_id: str = "",
+    stop: Sequence[str] = (), request_id: str = "", adapters: Sequence[AdapterSpec] = (),
 ) -> pb.GenerateRequest:
-    """A request; unset options are left unset, so the server's defaults apply."""
+    """A request; unset options are left unset, so the server's defaults apply.
+    ``adapters`` composes several adapters (exclusive with ``dialect``)."""
     request = pb.GenerateRequest(dialect=dialect, caller_number=caller_number, region=region,
                                  stop=list(stop), request_id=request_id)
+    for spec in adapters:
+        name, scale = parse_adapter_spec(spec)
+        ref = request.adapters.add(name=name)
+        if scale is not None:
+            ref.weight_scale = scale
     if text is not None:
         request.text = text
     if prompt is not None:
@@ -119,3 +140,17 @@ def generate_request(
         if value is not None:
             setattr(request, name, value)
     return request
+
+
+def parse_adapter_spec(spec: AdapterSpec) -> tuple[str, float | None]:
+    """``"wuyu"`` / ``"telecom_terms@0.6"`` / ``("telecom_terms", 0.6)`` → (name, scale)."""
+    if not isinstance(spec, str):
+        name, scale = spec
+        return name, None if scale is None else float(scale)
+    name, at, scale_text = spec.partition("@")
+    if not at:
+        return name, None
+    try:
+        return name, float(scale_text)
+    except ValueError:
+        raise ValueError(f"adapter {spec!r}: the scale after '@' must be a number") from None

@@ -55,10 +55,29 @@ class PeftOracle:
         self.model.eval()
 
     def _set(self, adapter: str, scale: float) -> None:
-        self.model.set_adapter(adapter)
+        self._set_many([(adapter, scale)])
+
+    def _set_many(self, uses: Sequence[tuple[str, float]]) -> None:
+        """Activate every adapter of ``uses`` together, each at its own scale (PEFT sums
+        the active adapters' terms: the composition semantics)."""
+        self.model.base_model.set_adapter([name for name, _ in uses])
         for module in self.model.modules():
             if isinstance(module, LoraLayer):
-                module.set_scale(adapter, scale)
+                for name, scale in uses:
+                    if name in module.scaling:
+                        module.set_scale(name, scale)
+
+    @torch.no_grad()
+    def greedy_composed(self, prompt: list[int], uses: Sequence[tuple[str, float]],
+                        max_new_tokens: int) -> OracleRun:
+        """Greedy with several adapters active at once (each scaled)."""
+        self._set_many(uses)
+        ids = torch.tensor([prompt], device=self.model.device)
+        out = self.model.generate(input_ids=ids, max_new_tokens=max_new_tokens,
+                                  do_sample=False, output_logits=True,
+                                  return_dict_in_generate=True, pad_token_id=0)
+        tokens = out.sequences[0, len(prompt):].tolist()
+        return OracleRun(tokens, [x[0].float().cpu() for x in out.logits])
 
     @torch.no_grad()
     def greedy(self, prompt: list[int], adapter: str | None, scale: float, max_new_tokens: int

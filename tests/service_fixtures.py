@@ -48,6 +48,7 @@ caller_numbers:
   "+853": cantonese
   "+8610": ghost      # routed to an adapter that does not exist: falls back
   "+8699": broken     # routed to an adapter refused by validation: falls back
+  "+8657": [wuyu, {{name: plain, scale: 0.5}}]   # a composition
 regions:
   CN-SH: wuyu
   CN-GD: cantonese

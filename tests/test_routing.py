@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from server.errors import InvalidOption, InvalidRequest
@@ -111,7 +113,7 @@ def test_table_file_reloads_on_change_and_keeps_the_old_table_on_a_bad_edit(tmp_
     path.write_text("caller_numbers: {+8621: [oops\n")
     assert not watched.check()
     assert "not valid YAML" in (watched.last_error or "")
-    assert watched.table.default == "plain"  # the previous table stays in force
+    assert watched.table.default == (("plain", None),)  # the previous table stays in force
 
 
 def test_a_table_without_a_template_gives_the_base_model_the_callers_words():
@@ -122,3 +124,29 @@ def test_a_table_without_a_template_gives_the_base_model_the_callers_words():
     table = RoutingTable.from_dict({"default": "base"})
     assert render_prompt(table.prompt_template, " 侬好 ") == "侬好\n"
     assert TrainConfig(metadata_path="x.csv", name="x").prompt_template == table.prompt_template
+
+
+def test_a_composition_is_a_routing_target():
+    table = RoutingTable.from_dict({
+        "caller_numbers": {"+8621": ["wuyu", {"name": "telecom_terms", "scale": 0.6}]},
+        "regions": {"CN-GD": ["cantonese", "telecom_terms"]}, "default": "base"})
+    decision = table.route(caller_number="+86 21 5555 1234")
+    assert decision.uses == (("wuyu", None), ("telecom_terms", 0.6))
+    assert decision.adapter == "wuyu" and decision.label == "wuyu+telecom_terms"
+    assert table.route(region="CN-GD").uses == (("cantonese", None), ("telecom_terms", None))
+    assert table.adapters() == {"wuyu", "cantonese", "telecom_terms"}
+    assert table.compositions() == {"wuyu+telecom_terms", "cantonese+telecom_terms"}
+    explicit = table.route(adapters=(("plain", 1.0), ("wuyu", None)))
+    assert explicit.route == Route.EXPLICIT and explicit.detail == "plain+wuyu"
+
+
+@pytest.mark.parametrize(("target", "words"), [
+    ([], "composes 1 to 8 adapters, got 0"),
+    (["wuyu", "wuyu"], "lists wuyu twice"),
+    (["wuyu", {"name": "x", "scale": -1}], "default[1].scale must be a number >= 0"),
+    (["wuyu", {"name": "x", "weight": 1}], "default[1] has unknown key 'weight'"),
+    (["wuyu", 7], "default[1] must be an adapter name"),
+])
+def test_bad_compositions_in_a_table_name_the_entry(target, words):
+    with pytest.raises(InvalidOption, match=re.escape(words)):
+        RoutingTable.from_dict({"default": target})

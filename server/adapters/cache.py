@@ -29,7 +29,7 @@ import logging
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Literal
@@ -43,6 +43,7 @@ from server.adapters.store import (
 )
 from server.adapters.validate import ValidatedAdapter, load_validated
 from server.engine.multi_lora import LoraSlots
+from server.engine.request import AdapterBinding
 from server.errors import AdapterNotFound, InvalidRequest, SwitchboardError
 from server.formats.manifest import AdapterManifest
 
@@ -125,6 +126,12 @@ class AdapterLease:
 
     def try_acquire_slot(self) -> int | None:
         return self._cache._acquire_slot(self)
+
+    def try_acquire_slots_with(self, others: Sequence[AdapterBinding]) -> list[int] | None:
+        leases = [self, *others]
+        if not all(isinstance(o, AdapterLease) and o._cache is self._cache for o in leases):
+            raise InvalidRequest("a composition's adapters must come from one cache")
+        return self._cache._acquire_slots(leases)  # type: ignore[arg-type]
 
     def release(self) -> None:
         self._cache._release(self)
@@ -239,64 +246,77 @@ class AdapterCache:
 
     # -- slots (engine thread) ---------------------------------------------------------------
     def _acquire_slot(self, lease: AdapterLease) -> int | None:
-        """Pin a device slot holding the lease's adapter, copying it in on a miss.
+        slots = self._acquire_slots([lease])
+        return None if slots is None else slots[0]
 
-        The slot is chosen and pinned under the lock, and the copy runs after it is let
-        go: a cold slot load (tens of ms for a large adapter) must not block leases,
-        admin calls or gauges. The pin keeps every other thread off the slot meanwhile
+    def _acquire_slots(self, leases: list[AdapterLease]) -> list[int] | None:
+        """Pin a device slot for each lease's adapter, copying cold ones in: all or none.
+
+        The slots are chosen and pinned under the lock, and the copies run after it is
+        let go: a cold slot load (tens of ms for a large adapter) must not block leases,
+        admin calls or gauges. The pins keep every other thread off the slots meanwhile
         (eviction, unload and reload free only unpinned slots), and only the engine
-        thread acquires, so no forward reads the slot before the copy is done.
+        thread acquires, so no forward reads a slot before its copy is done. A composed
+        request gets every slot or none, so two of them can never each hold half of what
+        they need and wait for the other.
         """
         with self._lock:
-            entry = lease._entry
-            if lease._released:
+            entries = [lease._entry for lease in leases]
+            if any(lease._released for lease in leases):
                 raise InvalidRequest("adapter lease used after release")
-            cold = entry.slot is None
-            if cold:
-                choice = self._evictable_slot()
-                if choice is None:
-                    return None  # every slot is pinned: wait
-                slot, victim = choice
+            if len({id(e) for e in entries}) != len(entries):
+                raise InvalidRequest("the same adapter is composed twice")
+            cold = [e for e in entries if e.slot is None]
+            choices = self._evictable_slots(len(cold), keep=entries)
+            if choices is None:
+                return None  # not enough unpinned slots: wait
+            for entry, (slot, victim) in zip(cold, choices, strict=True):
                 if victim is not None:
                     victim.slot = None
                     self.stats.device_evictions += 1
                 entry.slot = slot
                 self.stats.device_misses += 1
-            else:
-                self.stats.device_hits += 1
-            entry.slot_pins += 1
-            entry.last_used = time.monotonic()
-            lease._slot_held = True
-            held = entry.slot
-            assert held is not None
-        if cold:
+            self.stats.device_hits += len(entries) - len(cold)
+            now = time.monotonic()
+            for lease, entry in zip(leases, entries, strict=True):
+                entry.slot_pins += 1
+                entry.last_used = now
+                lease._slot_held = True
+            held = [e.slot for e in entries]
+        for entry in cold:
             try:
-                self.slots.load(held, entry.validated.adapter)
+                assert entry.slot is not None
+                self.slots.load(entry.slot, entry.validated.adapter)
             except BaseException:
-                with self._lock:  # nothing usable is in the slot: give it back
-                    lease._slot_held = False
-                    entry.slot_pins -= 1
-                    self._free_slot(entry)
+                with self._lock:  # nothing usable is in the slots: give every pin back
+                    for lease, pinned in zip(leases, entries, strict=True):
+                        lease._slot_held = False
+                        pinned.slot_pins -= 1
+                    for failed in cold:
+                        self._free_slot(failed)
                 raise
-        return held
+        return [slot for slot in held if slot is not None]
 
     def _slot_owners(self) -> dict[int, _Entry]:
         """Slot → the version in it, read off the entries (every slot holder is one)."""
         return {e.slot: e for e in self._entries.values() if e.slot is not None}
 
-    def _evictable_slot(self) -> tuple[int, _Entry | None] | None:
-        """A free slot, else the slot of the unpinned version to evict (and that version)."""
+    def _evictable_slots(self, count: int, keep: list[_Entry]
+                         ) -> list[tuple[int, _Entry | None]] | None:
+        """``count`` slots, each free or held by an unpinned version to evict (and that
+        version), never one of ``keep``'s; None when there are not enough."""
         owners = self._slot_owners()
-        free = [s for s in range(self.slots.num_slots) if s not in owners]
-        if free:
-            return free[0], None
-        unpinned = [owner for owner in owners.values() if owner.slot_pins == 0]
-        if not unpinned:
-            return None
-        # Old versions go first, then the least recently used.
-        victim = min(unpinned, key=lambda e: (self._current.get(e.name) is e, e.last_used))
-        assert victim.slot is not None
-        return victim.slot, victim
+        free = [s for s in range(self.slots.num_slots) if s not in owners][:count]
+        chosen: list[tuple[int, _Entry | None]] = [(s, None) for s in free]
+        if len(chosen) < count:
+            kept = {id(e) for e in keep}
+            unpinned = [o for o in owners.values() if o.slot_pins == 0 and id(o) not in kept]
+            # Old versions go first, then the least recently used.
+            unpinned.sort(key=lambda e: (self._current.get(e.name) is e, e.last_used))
+            for victim in unpinned[: count - len(chosen)]:
+                assert victim.slot is not None
+                chosen.append((victim.slot, victim))
+        return chosen if len(chosen) == count else None
 
     def _release(self, lease: AdapterLease) -> None:
         with self._lock:

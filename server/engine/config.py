@@ -26,6 +26,8 @@ class EngineConfig:
     """Device slots for adapters in the same batch."""
     max_lora_rank: int = 16
     """Largest adapter rank a slot holds; lower ranks are zero-padded."""
+    max_adapters_per_request: int = 4
+    """Adapters one request may compose (each holds a slot while it runs)."""
     target_modules: tuple[str, ...] = LORA_TARGET_MODULES
     """Base linear layers wrapped for LoRA."""
     max_new_tokens_limit: int = 1024

@@ -67,7 +67,8 @@ class _Row:
     handle: RequestHandle
     submitted_at: float
     kv_row: int = -1
-    slot: int = NO_ADAPTER
+    slots: tuple[tuple[int, float], ...] = ((NO_ADAPTER, 0.0),)
+    """(slot, scale) of each adapter of the row once admitted; the base: no slot."""
     admitted_at: float = 0.0
     first_token_at: float | None = None
     computed: int = 0  # prompt tokens already in the KV cache
@@ -197,11 +198,15 @@ class Engine:
                 f"({request.sampling.max_new_tokens}) = {total} exceeds max_model_len "
                 f"{cfg.max_model_len}"
             )
-        scale = request.weight_scale
-        if not isinstance(scale, int | float) or not math.isfinite(scale) or scale < 0:
-            raise InvalidRequest(f"weight_scale must be a finite number >= 0, got {scale}")
-        if scale > cfg.max_weight_scale:
-            raise InvalidRequest(f"weight_scale {scale} exceeds the limit {cfg.max_weight_scale}")
+        scales = [c for _, c in request.adapter_uses()] or [request.weight_scale]
+        for scale in scales:
+            if not isinstance(scale, int | float) or not math.isfinite(scale) or scale < 0:
+                raise InvalidRequest(f"weight_scale must be a finite number >= 0, got {scale}")
+            if scale > cfg.max_weight_scale:
+                raise InvalidRequest(
+                    f"weight_scale {scale} exceeds the limit {cfg.max_weight_scale}")
+        if request.composed:
+            self._validate_composition(request)
         adapter = request.adapter
         if isinstance(adapter, int) and not self.slots.is_loaded(adapter):
             loaded = self.slots.loaded() or "none"
@@ -210,6 +215,26 @@ class Engine:
             not 0 <= int(t) < self.vocab_size for t in request.forced_tokens
         ):
             raise InvalidRequest(f"forced_tokens hold ids outside [0, {self.vocab_size})")
+
+    def _validate_composition(self, request: GenerationRequest) -> None:
+        adapters = [adapter for adapter, _ in request.adapter_uses()]
+        limit = min(self.config.max_adapters_per_request, self.slots.num_slots)
+        if request.adapter is None:
+            raise InvalidRequest("composed adapters need a first adapter")
+        if len(adapters) > limit:
+            raise InvalidRequest(
+                f"{len(adapters)} adapters on one request; at most {limit} "
+                f"(max_adapters_per_request {self.config.max_adapters_per_request}, "
+                f"max_loras {self.slots.num_slots})")
+        fixed = [a for a in adapters if isinstance(a, int)]
+        if fixed and len(fixed) != len(adapters):
+            raise InvalidRequest("a composition is all loaded slots or all cache bindings")
+        if len({id(a) for a in adapters} if not fixed else set(fixed)) != len(adapters):
+            raise InvalidRequest("the same adapter is composed twice")
+        for slot in fixed:
+            if not self.slots.is_loaded(slot):
+                raise InvalidRequest(f"unknown adapter slot {slot} "
+                                     f"(loaded: {self.slots.loaded() or 'none'})")
 
     # -- engine thread ----------------------------------------------------------------------
     def _loop(self) -> None:
@@ -246,8 +271,8 @@ class Engine:
             if self.fault_hook is not None:
                 self.fault_hook(step_no)
             self.slots.set_step([
-                LoraSegment(s.start, s.start + s.length, r.slot, float(r.request.weight_scale))
-                for r, s in zip(rows, step.segments, strict=True)
+                LoraSegment(s.start, s.start + s.length, slot, float(scale))
+                for r, s in zip(rows, step.segments, strict=True) for slot, scale in r.slots
             ])
             logits = self.runner.forward(step)
         except Exception as exc:
@@ -304,13 +329,13 @@ class Engine:
             if len(self._running) >= self.config.max_batch_size or not self.cache.free_rows:
                 return
             try:
-                slot = self._acquire_slot(row)
+                slots = self._acquire_slots(row)
             except Exception as exc:  # a broken binding fails its own request only
                 with self._cond:
                     self._waiting.remove(row)
                 self._finish(row, FinishReason.ERROR, error=f"adapter: {exc}"[:300])
                 continue
-            if slot is None:
+            if slots is None:
                 if now - row.submitted_at > self.config.aging_limit_s:
                     return  # starvation guard: nobody passes a request this old
                 continue
@@ -319,7 +344,10 @@ class Engine:
             kv_row = self.cache.allocate()
             assert kv_row is not None
             request = row.request
-            row.kv_row, row.slot, row.admitted_at = kv_row, slot, now
+            row.kv_row, row.admitted_at = kv_row, now
+            if slots:
+                row.slots = tuple(zip(slots, (float(c) for _, c in request.adapter_uses()),
+                                      strict=True))
             try:
                 row.detok = IncrementalDetokenizer(self.tokenizer, request.sampling.stop)
                 if not request.sampling.greedy:
@@ -329,13 +357,19 @@ class Engine:
                 continue
             self._running.append(row)
 
-    def _acquire_slot(self, row: _Row) -> int | None:
-        adapter = row.request.adapter
+    def _acquire_slots(self, row: _Row) -> list[int] | None:
+        """The slot of each adapter of the row ([] for the base), or None: not yet."""
+        request = row.request
+        adapter = request.adapter
         if adapter is None:
-            return NO_ADAPTER
+            return []
         if isinstance(adapter, int):
-            return adapter
-        return adapter.try_acquire_slot()
+            return [a for a, _ in request.adapter_uses() if isinstance(a, int)]  # validated
+        if not request.composed:
+            slot = adapter.try_acquire_slot()
+            return None if slot is None else [slot]
+        others = [a for a, _ in request.composed]
+        return adapter.try_acquire_slots_with(others)  # type: ignore[arg-type]
 
     def _plan(self) -> tuple[list[_Row], StepInput, list[tuple[_Row, list[int]]]]:
         """The step's rows and input, and for rows scoring their prompt the next-token ids
@@ -432,9 +466,9 @@ class Engine:
         if row.kv_row >= 0:
             self.cache.release(row.kv_row)
             row.kv_row = -1
-        binding = row.request.adapter
-        if binding is not None and not isinstance(binding, int):
-            binding.release()  # exactly once: _finish runs once per request
+        for binding, _ in row.request.adapter_uses():
+            if not isinstance(binding, int):
+                binding.release()  # exactly once: _finish runs once per request
         if row.detok is not None and reason in (FinishReason.EOS, FinishReason.LENGTH):
             tail = row.detok.finish()
             if tail or row.pending_ids:

@@ -79,12 +79,13 @@ class LoraStepState:
 class MultiLoraLinear(nn.Module):
     """A base linear plus every row's own LoRA term, over packed tokens ``[tokens, in]``.
 
-    Semantics (the reference loop this must equal), for token ``t`` of a row with slot
-    ``s_t`` and scale ``c_t``::
+    Semantics (the reference loop this must equal), for token ``t`` of a row with
+    adapters ``(s_1, c_1) ... (s_k, c_k)`` (slot and scale each; k = 0 for the base,
+    k = 1 unless the request composes several)::
 
         y[t] = base(x[t])
-        if s_t != -1:
-            y[t] += c_t * scaling[s_t] * B[s_t] @ (A[s_t] @ x[t])
+        for s, c in adapters(t):
+            y[t] += c * scaling[s] * B[s] @ (A[s] @ x[t])
 
     where ``A[s]`` is ``[r_s, in]``, ``B[s]`` is ``[out, r_s]`` (zero-padded to
     ``r_max``) and ``scaling[s]`` is ``alpha_s / r_s`` (``/ sqrt(r_s)`` with rsLoRA).
@@ -295,15 +296,20 @@ class LoraSlots:
             raise InvalidRequest(f"unknown adapter slot {slot} (slots: 0..{self.num_slots - 1})")
 
     def set_step(self, segments: list[LoraSegment]) -> None:
-        """Route this step: one :class:`LoraSegment` per row, in packed-token order.
+        """Route this step: one :class:`LoraSegment` per row and adapter, in packed-token
+        order (a composed row gives one per adapter, over the same tokens).
 
         Rows without an adapter (slot -1) are skipped; single-token rows (decoding) share
-        the dense path, longer ones (prefill chunks) get their own.
+        the dense path, where a composed row's token has one column group per adapter;
+        longer ones (prefill chunks) get one segment per adapter, each on its own slot.
         """
         # Base rows decoding beside adapter rows join the dense path at scale 0 (their term
         # is exactly zero): the dense tokens then stay a prefix, a slice rather than a gather.
-        dense = [s for s in segments if s.end - s.start == 1]
-        adapted = [s for s in dense if s.slot != NO_ADAPTER]
+        dense: dict[int, int] = {}  # token index -> row of the mask
+        for seg in segments:
+            if seg.end - seg.start == 1:
+                dense.setdefault(seg.start, len(dense))
+        adapted = [s for s in segments if s.end - s.start == 1 and s.slot != NO_ADAPTER]
         long = tuple(s for s in segments if s.slot != NO_ADAPTER and s.end - s.start > 1)
         if not adapted and not long:
             self.state.step = None
@@ -314,13 +320,12 @@ class LoraSlots:
             dtype = next(iter(self.layers.values())).lora_a.dtype
             device = self.state_device
             per_slot = torch.zeros(len(dense), self.num_slots, dtype=dtype)  # [dense, slots]
-            for i, seg in enumerate(dense):
-                if seg.slot != NO_ADAPTER:
-                    per_slot[i, seg.slot] = seg.scale
+            for seg in adapted:
+                per_slot[dense[seg.start], seg.slot] += seg.scale
             # rank-major columns: [dense, rank, slots] -> [dense, rank * slots]
             mask = per_slot.unsqueeze(1).expand(len(dense), rank, self.num_slots) \
                 .reshape(len(dense), rank * self.num_slots).to(device)
-            starts = [s.start for s in dense]
+            starts = list(dense)
             if starts != list(range(len(dense))):
                 index = torch.tensor(starts, device=device)
         self.state.step = LoraStep(mask, index, rank, long)

@@ -12,7 +12,7 @@ import contextlib
 import queue
 import threading
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Protocol
@@ -44,6 +44,11 @@ class AdapterBinding(Protocol):
 
     def try_acquire_slot(self) -> int | None: ...
 
+    def try_acquire_slots_with(self, others: Sequence[AdapterBinding]) -> list[int] | None:
+        """All or nothing, for a composed row: slots for this binding then ``others``
+        (bindings of the same cache), or None with no slot pinned."""
+        ...
+
     def release(self) -> None: ...
 
 
@@ -59,6 +64,11 @@ class GenerationRequest:
     adapter: int | AdapterBinding | None = None
     """None: the base model; an int: a loaded slot; a binding: resolved at admission."""
     weight_scale: float = 1.0
+    composed: tuple[tuple[int | AdapterBinding, float], ...] = ()
+    """Further adapters on this row, each with its own scale (a dialect plus a terminology
+    pack): the row's LoRA term is the sum of every adapter's, ``adapter`` first. The row
+    is admitted only when all of them hold slots (acquired all or nothing). Either all
+    are loaded slots (ints) or all are bindings of one cache."""
     request_id: str = field(default_factory=new_request_id)
     deadline: float | None = None
     """``time.monotonic()`` after which the request ends with finish reason ``deadline``."""
@@ -66,6 +76,12 @@ class GenerationRequest:
     """Teacher forcing: emit these tokens instead of sampling (scoring, oracle tests)."""
     record_logits: bool = False
     """Keep each generated position's logits in the result (scoring, oracle tests)."""
+
+    def adapter_uses(self) -> list[tuple[int | AdapterBinding, float]]:
+        """Every adapter of the row with its scale, ``adapter`` first; [] for the base."""
+        if self.adapter is None:
+            return []
+        return [(self.adapter, self.weight_scale), *self.composed]
     prompt_logprobs: bool = False
     """Return the log-probability of each prompt token after the first, given the tokens
     before it, computed in prefill (perplexity through the serving path)."""

@@ -59,6 +59,8 @@ class CallFields:
     caller_number: str = ""
     region: str = ""
     weight_scale: float | None = None
+    adapters: tuple[tuple[str, float | None], ...] = ()
+    """A composition: adapter names with their scales (None: the manifest's default)."""
     max_new_tokens: int | None = None
     temperature: float | None = None
     top_p: float | None = None
@@ -78,6 +80,8 @@ class CallLimits:
     default_max_new_tokens: int
     max_new_tokens_limit: int
     max_weight_scale: float
+    max_adapters: int = 4
+    """Adapters one call may compose (max_adapters_per_request, at most max_loras)."""
 
 
 def validate_call(fields: CallFields, limits: CallLimits, deadline: float | None) -> Call:
@@ -116,12 +120,9 @@ def validate_call(fields: CallFields, limits: CallLimits, deadline: float | None
                              "([a-z0-9][a-z0-9_-]{0,63})", "dialect")
     scale = fields.weight_scale
     if scale is not None:
-        if not math.isfinite(scale) or scale < 0:
-            raise InvalidRequest(f"weight_scale must be a finite number >= 0, got {scale}",
-                                 "weight_scale")
-        if scale > limits.max_weight_scale:
-            raise InvalidRequest(f"weight_scale {scale:g} exceeds the limit "
-                                 f"{limits.max_weight_scale}", "weight_scale")
+        _check_scale(scale, "weight_scale", limits)
+    if fields.adapters:
+        _check_composition(fields, limits)
     sampling = SamplingParams(
         max_new_tokens=limits.default_max_new_tokens if fields.max_new_tokens is None
         else fields.max_new_tokens,
@@ -140,8 +141,40 @@ def validate_call(fields: CallFields, limits: CallLimits, deadline: float | None
         deadline = own if deadline is None else min(deadline, own)
     return Call(kind=kind, text=text, messages=messages, dialect=fields.dialect,
                 caller_number=fields.caller_number, region=fields.region,
-                weight_scale=scale, sampling=sampling, request_id=request_id,
+                weight_scale=scale, adapters=fields.adapters, sampling=sampling,
+                request_id=request_id,
                 deadline=deadline, user=fields.user)
+
+
+def _check_scale(scale: float, field_name: str, limits: CallLimits) -> None:
+    param = field_name.split("[", 1)[0]
+    if not math.isfinite(scale) or scale < 0:
+        raise InvalidRequest(f"{field_name} must be a finite number >= 0, got {scale}", param)
+    if scale > limits.max_weight_scale:
+        raise InvalidRequest(f"{field_name} {scale:g} exceeds the limit "
+                             f"{limits.max_weight_scale}", param)
+
+
+def _check_composition(fields: CallFields, limits: CallLimits) -> None:
+    if fields.dialect:
+        raise InvalidRequest("set either dialect or adapters, not both (adapters names "
+                             "every adapter of the call)", "adapters")
+    if fields.weight_scale is not None:
+        raise InvalidRequest("weight_scale applies to dialect; with adapters, give each "
+                             "adapter its own weight_scale", "weight_scale")
+    if len(fields.adapters) > limits.max_adapters:
+        raise InvalidRequest(f"adapters: at most {limits.max_adapters} per call, got "
+                             f"{len(fields.adapters)}", "adapters")
+    seen: set[str] = set()
+    for i, (name, scale) in enumerate(fields.adapters):
+        if not ADAPTER_NAME_RE.fullmatch(name):
+            raise InvalidRequest(f"adapters[{i}].name {quote(name, 40)} is not an adapter "
+                                 "name ([a-z0-9][a-z0-9_-]{0,63})", "adapters")
+        if name in seen:
+            raise InvalidRequest(f"adapters: {name} is given twice", "adapters")
+        seen.add(name)
+        if scale is not None:
+            _check_scale(scale, f"adapters[{i}].weight_scale", limits)
 
 
 @dataclass(frozen=True)
@@ -241,7 +274,8 @@ class CallRunner:
         assert self.dispatcher is not None
         engine_config = self.dispatcher.engine.config
         return CallLimits(self.settings.default_max_new_tokens,
-                          engine_config.max_new_tokens_limit, engine_config.max_weight_scale)
+                          engine_config.max_new_tokens_limit, engine_config.max_weight_scale,
+                          min(engine_config.max_adapters_per_request, engine_config.max_loras))
 
     def check_key(self, authorization: str | None, *, admin: bool = False) -> None:
         metadata = [] if authorization is None else [("authorization", authorization)]
@@ -335,7 +369,7 @@ class CallRunner:
         adapter = NO_ADAPTER_LABEL
         route = NO_ROUTE_LABEL
         if dispatched is not None:
-            adapter = dispatched.adapter or BASE_LABEL
+            adapter = dispatched.metric_label or BASE_LABEL
             route = dispatched.route.value
         seconds = time.monotonic() - (dispatched.received_at if dispatched else outcome.started)
         status = outcome.status.value

@@ -49,7 +49,9 @@ def call_fields(request: pb.GenerateRequest) -> CallFields:
         weight_scale=optional("weight_scale"), max_new_tokens=optional("max_new_tokens"),
         temperature=optional("temperature"), top_p=optional("top_p"), top_k=optional("top_k"),
         repetition_penalty=optional("repetition_penalty"), seed=optional("seed"),
-        stop=tuple(request.stop), request_id=request.request_id)
+        stop=tuple(request.stop), request_id=request.request_id,
+        adapters=tuple((ref.name, ref.weight_scale if ref.HasField("weight_scale") else None)
+                       for ref in request.adapters))
 
 
 def generate_response(call: Call, dispatched: Dispatched,
@@ -71,6 +73,8 @@ def generate_response(call: Call, dispatched: Dispatched,
         timings=pb.Timings(queue_ms=timings.queue_s * 1000,
                            time_to_first_token_ms=(timings.ttft_s or 0.0) * 1000,
                            total_ms=timings.total_s * 1000),
+        adapters=[pb.AdapterRef(name=name, version=version, weight_scale=scale)
+                  for name, version, scale in dispatched.adapters],
     )
 
 

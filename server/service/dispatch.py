@@ -55,6 +55,8 @@ class Call:
     caller_number: str = ""
     region: str = ""
     weight_scale: float | None = None
+    adapters: tuple[tuple[str, float | None], ...] = ()
+    """A composition the call names (exclusive with ``dialect``)."""
     sampling: SamplingParams = field(default_factory=SamplingParams)
     request_id: str = ""
     deadline: float | None = None
@@ -86,6 +88,7 @@ class Dispatched:
 
     handle: RequestHandle
     adapter: str | None
+    """The (first) adapter, or None for the base model."""
     version: str
     route: Route
     route_detail: str
@@ -96,6 +99,11 @@ class Dispatched:
     prompt_tokens: int
     received_at: float
     adapter_wait_s: float
+    adapters: tuple[tuple[str, str, float], ...] = ()
+    """Every adapter that serves the call: (name, version, scale), in order."""
+    metric_label: str = ""
+    """The ``adapter`` label of its metrics: the name, ``a+b`` for a composition the
+    routing table names, ``composed`` for any other (labels stay bounded)."""
 
     def timings(self, result: GenerationResult) -> CallTimings:
         first = result.first_token_at
@@ -119,43 +127,58 @@ class Dispatcher:
         self.routing = routing
 
     async def start(self, call: Call) -> Dispatched:
-        """Route, lease the adapter, build the prompt and submit; raise a domain error."""
+        """Route, lease the adapters, build the prompt and submit; raise a domain error."""
         table: RoutingTable = self.routing.table
-        decision = table.route(call.dialect, call.caller_number, call.region)
-        lease, fallback_reason, decision = await self._lease(decision, table)
+        decision = table.route(call.dialect, call.caller_number, call.region, call.adapters)
+        leases, fallback_reason, decision = await self._lease(decision, table)
         leased_at = time.monotonic()
         try:
-            manifest = lease.manifest if lease is not None else None
+            manifest = leases[0].manifest if leases else None
             prompt_ids, source, template = self._prompt(call, manifest, table)
-            if lease is None:
-                scale = 0.0
-            elif call.weight_scale is not None:
-                scale = call.weight_scale
-            else:
-                scale = manifest.default_weight_scale if manifest is not None else 1.0
-            request = GenerationRequest(prompt_ids, call.sampling, adapter=lease,
-                                        weight_scale=scale, request_id=call.request_id,
-                                        deadline=call.deadline)
+            scales = [self._scale(lease, asked, call) for lease, (_, asked)
+                      in zip(leases, decision.uses, strict=True)]
+            request = GenerationRequest(
+                prompt_ids, call.sampling, adapter=leases[0] if leases else None,
+                weight_scale=scales[0] if leases else 0.0,
+                composed=tuple(zip(leases[1:], scales[1:], strict=True)),
+                request_id=call.request_id, deadline=call.deadline)
             handle = self.engine.submit(request)
         except BaseException:
-            if lease is not None:
-                lease.release()  # submit did not take it: ours to release
+            for lease in leases:
+                lease.release()  # submit did not take them: ours to release
             raise
+        label = decision.label
+        if len(leases) > 1 and label not in table.compositions():
+            label = "composed"
         return Dispatched(
-            handle=handle, adapter=lease.name if lease else None,
-            version=lease.version if lease else "", route=decision.route,
+            handle=handle, adapter=leases[0].name if leases else None,
+            version=leases[0].version if leases else "", route=decision.route,
             route_detail=decision.detail, fallback_reason=fallback_reason,
-            template_source=source, prompt_template=template, weight_scale=scale,
+            template_source=source, prompt_template=template,
+            weight_scale=scales[0] if leases else 0.0,
             prompt_tokens=len(prompt_ids), received_at=call.received_at,
             adapter_wait_s=leased_at - call.received_at,
+            adapters=tuple((lease.name, lease.version, scale)
+                           for lease, scale in zip(leases, scales, strict=True)),
+            metric_label=label if leases else "",
         )
 
+    @staticmethod
+    def _scale(lease: AdapterLease, asked: float | None, call: Call) -> float:
+        """The scale the call asked for this adapter, else the manifest's default."""
+        if asked is not None:
+            return asked
+        if call.weight_scale is not None:  # a single adapter (validated: no composition)
+            return call.weight_scale
+        manifest = lease.manifest
+        return manifest.default_weight_scale if manifest is not None else 1.0
+
     async def _lease(self, decision: RouteDecision, table: RoutingTable
-                     ) -> tuple[AdapterLease | None, str, RouteDecision]:
-        if decision.adapter is None:
-            return None, "", decision
+                     ) -> tuple[list[AdapterLease], str, RouteDecision]:
+        if not decision.uses:
+            return [], "", decision
         try:
-            return await self.cache.lease_async(decision.adapter), "", decision
+            return await self._lease_all(decision), "", decision
         except AdapterNotFound as exc:
             if decision.route == Route.EXPLICIT:
                 names = ", ".join(self.cache.store.names()[:20]) or "none"
@@ -167,8 +190,21 @@ class Dispatcher:
             problem = exc
         if table.fallback == "error":
             raise problem
-        reason = f"{decision.route.value} route to '{decision.adapter}' failed: {problem}"
-        return None, reason[:300], RouteDecision(None, Route.FALLBACK, decision.detail)
+        reason = f"{decision.route.value} route to '{decision.label}' failed: {problem}"
+        return [], reason[:300], RouteDecision((), Route.FALLBACK, decision.detail)
+
+    async def _lease_all(self, decision: RouteDecision) -> list[AdapterLease]:
+        """A lease on every adapter of the decision, or none (an error releases those
+        already taken)."""
+        leases: list[AdapterLease] = []
+        try:
+            for name, _ in decision.uses:
+                leases.append(await self.cache.lease_async(name))
+        except BaseException:
+            for lease in leases:
+                lease.release()
+            raise
+        return leases
 
     def _prompt(self, call: Call, manifest: Any, table: RoutingTable
                 ) -> tuple[list[int], TemplateSource, str]:

@@ -9,7 +9,8 @@ service's own rules (``calls.validate_call``) then apply exactly as on gRPC, and
 ``model`` picks what serves the call: an adapter name (its manifest's default scale and
 prompt template), ``base`` or the base model's id, or ``auto``, where Switchboard's
 routing fields (``dialect``, ``caller_number``, ``region``) and the routing table decide
-exactly as on gRPC. Fields that would change the answer in ways not served (tools,
+exactly as on gRPC; with ``model: auto``, ``adapters`` (``extra_body`` in the openai
+client) names a composition. Fields that would change the answer in ways not served (tools,
 logprobs, penalties, ``n`` > 1...) are refused by name rather than ignored.
 """
 
@@ -104,6 +105,10 @@ def _parse(body: dict[str, Any], base_ids: tuple[str, ...], *, text: str | None 
     if n is not None and n != 1:
         raise InvalidRequest(f"n must be 1 (one choice per request), got {n}", "n")
     routing = {name: _optional(body, name, str) or "" for name in ROUTING_FIELDS}
+    adapters = _adapters(body.get("adapters"))
+    if adapters and model != AUTO:
+        raise InvalidRequest("adapters applies only with model 'auto' (the adapters named "
+                             "serve the call)", "adapters")
     if model == AUTO:
         dialect = routing["dialect"]
     else:
@@ -145,11 +150,34 @@ def _parse(body: dict[str, Any], base_ids: tuple[str, ...], *, text: str | None 
         repetition_penalty=_optional(body, "repetition_penalty", float),
         seed=_optional(body, "seed", int), stop=stops,
         request_id=_optional(body, "request_id", str) or "", timeout_s=timeout_s,
-        user=_optional(body, "user", str) or "")
+        user=_optional(body, "user", str) or "", adapters=adapters)
     return OpenAIRequest(
         model=model, fields=fields, stream=bool(_optional(body, "stream", bool)),
         include_usage=bool(options and _optional(options, "include_usage", bool,
                                                  "stream_options.include_usage")))
+
+
+def _adapters(value: Any) -> tuple[tuple[str, float | None], ...]:
+    """``adapters``: a list of names or ``{"name": ..., "weight_scale": ...}`` objects."""
+    if value is None:
+        return ()
+    if not isinstance(value, list):
+        raise InvalidRequest("adapters must be a list of adapter names or objects with "
+                             "name and weight_scale", "adapters")
+    uses: list[tuple[str, float | None]] = []
+    for i, item in enumerate(value):
+        if isinstance(item, str):
+            uses.append((item, None))
+            continue
+        if not isinstance(item, dict) or not isinstance(item.get("name"), str):
+            raise InvalidRequest(f"adapters[{i}] must be an adapter name or an object with "
+                                 "name and weight_scale", "adapters")
+        unknown = sorted(set(item) - {"name", "weight_scale"})
+        if unknown:
+            raise InvalidRequest(f"adapters[{i}] has unknown field {quote(unknown[0], 24)} "
+                                 "(valid: name, weight_scale)", "adapters")
+        uses.append((item["name"], _optional(item, "weight_scale", float, "adapters")))
+    return tuple(uses)
 
 
 def _message(index: int, message: Any) -> tuple[str, str]:
@@ -194,14 +222,17 @@ def _optional(body: dict[str, Any], name: str, kind: type, param: str | None = N
 
 # -- responses -------------------------------------------------------------------------
 def served_model(dispatched: Dispatched, base_id: str) -> str:
-    return dispatched.adapter or base_id
+    """The adapter's name, ``a+b`` for a composition, or the base model's id."""
+    return "+".join(name for name, _, _ in dispatched.adapters) or base_id
 
 
 def switchboard_extra(dispatched: Dispatched, request_id: str) -> dict[str, Any]:
     """The ``switchboard`` object of a response: how the call was served."""
     return {"route": dispatched.route.value, "route_detail": dispatched.route_detail,
             "adapter_version": dispatched.version, "fallback_reason": dispatched.fallback_reason,
-            "weight_scale": dispatched.weight_scale, "request_id": request_id}
+            "weight_scale": dispatched.weight_scale, "request_id": request_id,
+            "adapters": [{"name": name, "version": version, "weight_scale": scale}
+                         for name, version, scale in dispatched.adapters]}
 
 
 def usage(finished: Finished) -> dict[str, int]:

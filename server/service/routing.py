@@ -12,6 +12,10 @@ Order, first match wins:
    ``CN-HK`` and ``CN-MO``;
 4. ``default``: ``base`` (the base model) or an adapter name.
 
+A target is ``base``, an adapter name, or a composition: a list of adapters, each a
+name or ``{name: ..., scale: ...}`` (``[wuyu, {name: telecom_terms, scale: 0.6}]``),
+served together on one request (the first adapter's template wraps the text).
+
 A routed adapter that is missing or refused is handled by ``fallback``: ``base``
 answers with the base model (the response says so), ``error`` fails the request. The
 table is a YAML file, validated as a whole (a bad table never replaces a good one) and
@@ -21,6 +25,7 @@ reloaded when it changes (:class:`RoutingTableFile`).
 from __future__ import annotations
 
 import logging
+import math
 import os
 import re
 import threading
@@ -56,13 +61,32 @@ class Route(StrEnum):
     FALLBACK = "fallback"
 
 
+AdapterUse = tuple[str, float | None]
+"""An adapter and its scale (None: the manifest's ``default_weight_scale``)."""
+Target = tuple[AdapterUse, ...]
+"""What a call is served with: () is the base model, one use a single adapter, more a
+composition."""
+MAX_COMPOSED = 8
+"""Adapters one routing target may compose (the server's own limit may be lower)."""
+
+
 @dataclass(frozen=True)
 class RouteDecision:
-    adapter: str | None
-    """Adapter name, or None for the base model."""
+    uses: Target
+    """The adapters (with scales) to serve with; () for the base model."""
     route: Route
     detail: str
     """What matched: the dialect, the number prefix, the region or ``default``."""
+
+    @property
+    def adapter(self) -> str | None:
+        """The first adapter's name, or None for the base model."""
+        return self.uses[0][0] if self.uses else None
+
+    @property
+    def label(self) -> str:
+        """The adapters' names joined with ``+`` (``wuyu+telecom_terms``)."""
+        return "+".join(name for name, _ in self.uses)
 
 
 def normalize_number(number: str, national_prefix: str | None = None) -> str:
@@ -90,29 +114,57 @@ def normalize_region(region: str) -> str:
     return code
 
 
-def _target(value: Any, where: str) -> str | None:
+def _target(value: Any, where: str) -> Target:
+    if isinstance(value, list):
+        return _composition(value, where)
     if not isinstance(value, str) or not (value == BASE or ADAPTER_NAME_RE.fullmatch(value)):
         raise InvalidOption(
-            f"routing table: {where} must be '{BASE}' or an adapter name "
-            f"([a-z0-9][a-z0-9_-]{{0,63}}), got {str(value)[:40]!r}"
+            f"routing table: {where} must be '{BASE}', an adapter name "
+            f"([a-z0-9][a-z0-9_-]{{0,63}}) or a list of adapters, got {str(value)[:40]!r}"
         )
-    return None if value == BASE else value
+    return () if value == BASE else ((value, None),)
+
+
+def _composition(items: list[Any], where: str) -> Target:
+    if not 1 <= len(items) <= MAX_COMPOSED:
+        raise InvalidOption(f"routing table: {where} composes 1 to {MAX_COMPOSED} adapters, "
+                            f"got {len(items)}")
+    uses: list[AdapterUse] = []
+    for i, item in enumerate(items):
+        name, scale = (item, None) if isinstance(item, str) else (None, None)
+        if isinstance(item, dict):
+            unknown = set(item) - {"name", "scale"}
+            if unknown:
+                raise InvalidOption(f"routing table: {where}[{i}] has unknown key "
+                                    f"{sorted(unknown, key=str)[0]!r} (valid: name, scale)")
+            name, scale = item.get("name"), item.get("scale")
+        if not isinstance(name, str) or not ADAPTER_NAME_RE.fullmatch(name):
+            raise InvalidOption(f"routing table: {where}[{i}] must be an adapter name or "
+                                f"{{name: ..., scale: ...}}, got {str(item)[:40]!r}")
+        if scale is not None and (isinstance(scale, bool) or not isinstance(scale, int | float)
+                                  or not math.isfinite(scale) or scale < 0):
+            raise InvalidOption(f"routing table: {where}[{i}].scale must be a number >= 0, "
+                                f"got {str(scale)[:20]!r}")
+        if any(name == used for used, _ in uses):
+            raise InvalidOption(f"routing table: {where} lists {name} twice")
+        uses.append((name, None if scale is None else float(scale)))
+    return tuple(uses)
 
 
 @dataclass(frozen=True)
 class RoutingTable:
-    default: str | None = None
-    """Adapter for calls nothing matches; None is the base model."""
+    default: Target = ()
+    """Adapters for calls nothing matches; () is the base model."""
     fallback: str = "base"
     """``base`` or ``error``: what happens when the routed adapter cannot serve."""
     prompt_template: str = DEFAULT_PROMPT_TEMPLATE
     """Template for ``text`` on the base model and on adapters without a manifest."""
     national_prefix: str | None = None
     """E.g. ``+86``: national numbers (``021…``) are read as ``+8621…``."""
-    caller_numbers: dict[str, str | None] = field(default_factory=dict)
-    """Number prefix (``+8621``) → adapter name (None: the base model)."""
-    regions: dict[str, str | None] = field(default_factory=dict)
-    """ISO 3166-2 code → adapter name (None: the base model)."""
+    caller_numbers: dict[str, Target] = field(default_factory=dict)
+    """Number prefix (``+8621``) → its target."""
+    regions: dict[str, Target] = field(default_factory=dict)
+    """ISO 3166-2 code → its target."""
 
     @classmethod
     def from_dict(cls, data: Any, source: str = "routing table") -> RoutingTable:
@@ -138,7 +190,7 @@ class RoutingTable:
                                      or not _PREFIX_RE.match(national)):
             raise InvalidOption(f"{source}: national_prefix must look like '+86', "
                                 f"got {str(national)[:20]!r}")
-        numbers: dict[str, str | None] = {}
+        numbers: dict[str, Target] = {}
         for prefix, target in _mapping(data, "caller_numbers", source).items():
             key = str(prefix).translate(_DROPPED)
             if key.startswith("00"):
@@ -149,7 +201,7 @@ class RoutingTable:
             if key in numbers:
                 raise InvalidOption(f"{source}: caller_numbers lists {key} twice")
             numbers[key] = _target(target, f"caller_numbers[{key}]")
-        regions: dict[str, str | None] = {}
+        regions: dict[str, Target] = {}
         for code, target in _mapping(data, "regions", source).items():
             try:
                 key = normalize_region(str(code))
@@ -169,22 +221,32 @@ class RoutingTable:
         data = read_yaml_mapping(path, "routing table")
         return cls.from_dict(data, f"routing table {path.name}")
 
+    def targets(self) -> list[Target]:
+        return [self.default, *self.caller_numbers.values(), *self.regions.values()]
+
     def adapters(self) -> set[str]:
         """Every adapter the table can route to."""
-        targets = [self.default, *self.caller_numbers.values(), *self.regions.values()]
-        return {t for t in targets if t is not None}
+        return {name for target in self.targets() for name, _ in target}
 
-    def route(self, dialect: str = "", caller_number: str = "",
-              region: str = "") -> RouteDecision:
-        """The adapter for a call; raise InvalidRequest for a malformed number or region.
+    def compositions(self) -> set[str]:
+        """The labels (``wuyu+telecom_terms``) of the compositions the table names."""
+        return {"+".join(n for n, _ in t) for t in self.targets() if len(t) > 1}
+
+    def route(self, dialect: str = "", caller_number: str = "", region: str = "",
+              adapters: Target = ()) -> RouteDecision:
+        """The adapters for a call; raise InvalidRequest for a malformed number or region.
 
         Every given field is validated, even one a higher-priority field makes moot, so a
-        client bug shows up at once rather than when routing changes.
+        client bug shows up at once rather than when routing changes. ``adapters`` (a
+        composition the call names) and ``dialect`` are explicit routes.
         """
         number = normalize_number(caller_number, self.national_prefix) if caller_number else ""
         code = normalize_region(region) if region else ""
+        if adapters:
+            return RouteDecision(adapters, Route.EXPLICIT, "+".join(n for n, _ in adapters))
         if dialect:  # "base" names the base model, as it does in the table
-            return RouteDecision(None if dialect == BASE else dialect, Route.EXPLICIT, dialect)
+            return RouteDecision(() if dialect == BASE else ((dialect, None),), Route.EXPLICIT,
+                                 dialect)
         if number:
             for end in range(len(number), 1, -1):
                 prefix = number[:end]

@@ -191,6 +191,7 @@ class GenerateRequest(_message.Message):
     SEED_FIELD_NUMBER: _builtins.int
     STOP_FIELD_NUMBER: _builtins.int
     REQUEST_ID_FIELD_NUMBER: _builtins.int
+    ADAPTERS_FIELD_NUMBER: _builtins.int
     text: _builtins.str
     """What the caller said. The server wraps it in a prompt template: the routed adapter's
     (from its manifest), or the routing table's for the base model and for adapters
@@ -237,6 +238,14 @@ class GenerateRequest(_message.Message):
         most 256 bytes); they are not part of the output.
         """
 
+    @_builtins.property
+    def adapters(self) -> _containers.RepeatedCompositeFieldContainer[Global___AdapterRef]:
+        """Several adapters on this call, each with its own scale (a dialect plus a terminology
+        pack): their LoRA terms are added, unmerged, inside the shared batch. At most the
+        server's max_adapters_per_request (4), no name twice; exclusive with `dialect`. The
+        first adapter's prompt template wraps `text`.
+        """
+
     def __init__(
         self,
         *,
@@ -255,10 +264,11 @@ class GenerateRequest(_message.Message):
         seed: _builtins.int | None = ...,
         stop: _abc.Iterable[_builtins.str] | None = ...,
         request_id: _builtins.str = ...,
+        adapters: _abc.Iterable[Global___AdapterRef] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_max_new_tokens", b"_max_new_tokens", "_prompt", b"_prompt", "_repetition_penalty", b"_repetition_penalty", "_seed", b"_seed", "_temperature", b"_temperature", "_text", b"_text", "_top_k", b"_top_k", "_top_p", b"_top_p", "_weight_scale", b"_weight_scale", "max_new_tokens", b"max_new_tokens", "prompt", b"prompt", "repetition_penalty", b"repetition_penalty", "seed", b"seed", "temperature", b"temperature", "text", b"text", "top_k", b"top_k", "top_p", b"top_p", "weight_scale", b"weight_scale"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_max_new_tokens", b"_max_new_tokens", "_prompt", b"_prompt", "_repetition_penalty", b"_repetition_penalty", "_seed", b"_seed", "_temperature", b"_temperature", "_text", b"_text", "_top_k", b"_top_k", "_top_p", b"_top_p", "_weight_scale", b"_weight_scale", "caller_number", b"caller_number", "dialect", b"dialect", "max_new_tokens", b"max_new_tokens", "messages", b"messages", "prompt", b"prompt", "region", b"region", "repetition_penalty", b"repetition_penalty", "request_id", b"request_id", "seed", b"seed", "stop", b"stop", "temperature", b"temperature", "text", b"text", "top_k", b"top_k", "top_p", b"top_p", "weight_scale", b"weight_scale"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_max_new_tokens", b"_max_new_tokens", "_prompt", b"_prompt", "_repetition_penalty", b"_repetition_penalty", "_seed", b"_seed", "_temperature", b"_temperature", "_text", b"_text", "_top_k", b"_top_k", "_top_p", b"_top_p", "_weight_scale", b"_weight_scale", "adapters", b"adapters", "caller_number", b"caller_number", "dialect", b"dialect", "max_new_tokens", b"max_new_tokens", "messages", b"messages", "prompt", b"prompt", "region", b"region", "repetition_penalty", b"repetition_penalty", "request_id", b"request_id", "seed", b"seed", "stop", b"stop", "temperature", b"temperature", "text", b"text", "top_k", b"top_k", "top_p", b"top_p", "weight_scale", b"weight_scale"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__max_new_tokens: _TypeAlias = _typing.Literal["max_new_tokens"]  # noqa: Y015
     _WhichOneofArgType__max_new_tokens: _TypeAlias = _typing.Literal["_max_new_tokens", b"_max_new_tokens"]  # noqa: Y015
@@ -301,27 +311,39 @@ Global___GenerateRequest: _TypeAlias = GenerateRequest  # noqa: Y015
 
 @_typing.final
 class AdapterRef(_message.Message):
-    """The adapter that served a request."""
+    """An adapter: in a request, one part of a composition (name, optional scale); in a
+    response, an adapter that served it (name, version, the scale applied).
+    """
 
     DESCRIPTOR: _descriptor.Descriptor
 
     NAME_FIELD_NUMBER: _builtins.int
     VERSION_FIELD_NUMBER: _builtins.int
+    WEIGHT_SCALE_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """Adapter name; empty when the base model answered."""
     version: _builtins.str
-    """Content digest of the version used (sha256 hex); empty for the base model."""
+    """Content digest of the version used (sha256 hex); empty for the base model. Ignored
+    in requests.
+    """
+    weight_scale: _builtins.float
+    """In a request: this adapter's scale (default: its manifest's default_weight_scale).
+    In a response's `adapters`: the scale applied.
+    """
     def __init__(
         self,
         *,
         name: _builtins.str = ...,
         version: _builtins.str = ...,
+        weight_scale: _builtins.float | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_weight_scale", b"_weight_scale", "weight_scale", b"weight_scale"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_weight_scale", b"_weight_scale", "name", b"name", "version", b"version", "weight_scale", b"weight_scale"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
+    _WhichOneofReturnType__weight_scale: _TypeAlias = _typing.Literal["weight_scale"]  # noqa: Y015
+    _WhichOneofArgType__weight_scale: _TypeAlias = _typing.Literal["_weight_scale", b"_weight_scale"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__weight_scale) -> _WhichOneofReturnType__weight_scale | None: ...
 
 Global___AdapterRef: _TypeAlias = AdapterRef  # noqa: Y015
 
@@ -370,6 +392,7 @@ class GenerateResponse(_message.Message):
     WEIGHT_SCALE_FIELD_NUMBER: _builtins.int
     REQUEST_ID_FIELD_NUMBER: _builtins.int
     TIMINGS_FIELD_NUMBER: _builtins.int
+    ADAPTERS_FIELD_NUMBER: _builtins.int
     text: _builtins.str
     """The generated text (stop strings excluded)."""
     route: Global___Route.ValueType
@@ -402,6 +425,12 @@ class GenerateResponse(_message.Message):
     def timings(self) -> Global___Timings:
         """Timings of this request."""
 
+    @_builtins.property
+    def adapters(self) -> _containers.RepeatedCompositeFieldContainer[Global___AdapterRef]:
+        """Every adapter that served the request, in order, with version and scale (one entry
+        for a single adapter, none for the base model).
+        """
+
     def __init__(
         self,
         *,
@@ -418,10 +447,11 @@ class GenerateResponse(_message.Message):
         weight_scale: _builtins.float = ...,
         request_id: _builtins.str = ...,
         timings: Global___Timings | None = ...,
+        adapters: _abc.Iterable[Global___AdapterRef] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["adapter", b"adapter", "timings", b"timings"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["adapter", b"adapter", "completion_tokens", b"completion_tokens", "fallback_reason", b"fallback_reason", "finish_reason", b"finish_reason", "prompt_template", b"prompt_template", "prompt_tokens", b"prompt_tokens", "request_id", b"request_id", "route", b"route", "route_detail", b"route_detail", "template_source", b"template_source", "text", b"text", "timings", b"timings", "weight_scale", b"weight_scale"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["adapter", b"adapter", "adapters", b"adapters", "completion_tokens", b"completion_tokens", "fallback_reason", b"fallback_reason", "finish_reason", b"finish_reason", "prompt_template", b"prompt_template", "prompt_tokens", b"prompt_tokens", "request_id", b"request_id", "route", b"route", "route_detail", b"route_detail", "template_source", b"template_source", "text", b"text", "timings", b"timings", "weight_scale", b"weight_scale"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
