@@ -20,7 +20,6 @@ import os
 import signal
 import sys
 import threading
-import time
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +40,7 @@ from server.service.logs import configure_logging
 from server.service.metrics import ServiceMetrics
 from server.service.routing import RoutingTableFile
 from server.service.servicer import SwitchboardServicer
+from server.service.stack import build_stack
 
 log = logging.getLogger("switchboard.server")
 
@@ -134,58 +134,20 @@ class SwitchboardServer:
         await run_in_daemon_thread(self._load, name="switchboard-load")
 
     def _load(self) -> None:
-        """Base model, engine, adapter cache, routing table, preload (a worker thread)."""
-        from server.adapters.cache import AdapterCache
-        from server.adapters.store import AdapterStore
+        """The serving stack (``stack.build_stack``), published to the front-ends and
+        pollers unless shutdown began meanwhile (a worker thread)."""
         from server.adapters.watcher import AdapterWatcher
-        from server.basemodel import load_base_model
-        from server.engine.engine import Engine
-        from server.service.dispatch import Dispatcher
 
-        cfg = self.config
-        routing = RoutingTableFile(cfg.resolve(cfg.routing_table))
-        base_source = cfg.base_model if cfg.base_model == "default" else \
-            str(cfg.resolve(cfg.base_model))
-        base = load_base_model(base_source, device=cfg.device,
-                               dtype=None if cfg.dtype == "auto" else cfg.dtype,
-                               quantize=cfg.quantize)
-        log.info("base model loaded", extra={"fields": {
-            "source": base.info.source,
-            "device": str(base.model.device), "dtype": base.info.dtype,
-            "quantize": cfg.quantize, "fingerprint": base.base_fingerprint[:12]}})
-        started = time.perf_counter()
-        engine = Engine(base.model, base.tokenizer, cfg.engine)
-        log.info("decode path ready", extra={"fields": {
-            "decode_path": engine.decode_note,
-            "warmup_s": round(time.perf_counter() - started, 2)}})
-        roots = [cfg.resolve(root) for root in cfg.adapter_roots]
-        cache = AdapterCache(AdapterStore(roots), engine.slots, base.base_fingerprint,
-                             max_cpu_adapters=cfg.max_cpu_adapters)
-        self.metrics.watch(engine, cache)
-        names = list(cfg.preload)
-        if "all" in names:
-            names = sorted(set(cache.store.names()) | (set(names) - {"all"}))
-        errors = cache.preload(names)
-        for name, error in errors.items():
-            log.error("preload failed; the adapter stays refused until its files change",
-                      extra={"fields": {"adapter": name, "error": error}})
-        log.info("adapters preloaded", extra={"fields": {
-            "loaded": [n for n in names if n not in errors], "failed": sorted(errors)}})
-        missing = sorted(routing.table.adapters() - set(cache.store.names()))
-        if missing:
-            log.warning("the routing table names adapters that are not on disk",
-                        extra={"fields": {"missing": missing,
-                                          "fallback": routing.table.fallback}})
+        stack = build_stack(self.config, self.metrics)
         with self._publish:
             if self.state.draining:  # stopped while loading: nothing will serve
-                engine.stop()
-                cache.close()
+                stack.close()
                 return
-            self.engine, self.cache, self.routing = engine, cache, routing
-            self.watcher = AdapterWatcher(cache)
-            self.runner.attach(Dispatcher(engine, cache, base.tokenizer, routing))
-            self.servicer.attach(cache)
-            self.http_api.attach(cache, base_model_id(base.info.source))
+            self.engine, self.cache, self.routing = stack.engine, stack.cache, stack.routing
+            self.watcher = AdapterWatcher(stack.cache)
+            self.runner.attach(stack.dispatcher)
+            self.servicer.attach(stack.cache)
+            self.http_api.attach(stack.cache, base_model_id(stack.base.info.source))
             self._poller = threading.Thread(target=self._poll, name="switchboard-poll",
                                             daemon=True)
             self._poller.start()

@@ -128,8 +128,19 @@ class Dispatcher:
 
     async def start(self, call: Call) -> Dispatched:
         """Route, lease the adapters, build the prompt and submit; raise a domain error."""
+        return await self.run(call, self.route(call))
+
+    def route(self, call: Call) -> RouteDecision:
+        """Which adapters serve ``call`` (the routing table's decision; nothing leased).
+        Raise InvalidRequest for a malformed number or region."""
         table: RoutingTable = self.routing.table
-        decision = table.route(call.dialect, call.caller_number, call.region, call.adapters)
+        return table.route(call.dialect, call.caller_number, call.region, call.adapters)
+
+    async def run(self, call: Call, decision: RouteDecision) -> Dispatched:
+        """Lease ``decision``'s adapters (falling back as the table says when a routed one
+        cannot serve), build the prompt and submit. The routing step may have run
+        elsewhere: a cluster's ingress routes, the replica holding the adapters runs."""
+        table: RoutingTable = self.routing.table
         leases, fallback_reason, decision = await self._lease(decision, table)
         leased_at = time.monotonic()
         try:

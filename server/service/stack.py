@@ -1,0 +1,83 @@
+"""The serving stack without a transport: base model, engine, adapter cache, routing
+table and dispatcher, built from a :class:`ServerConfig`.
+
+``SwitchboardServer`` wraps it in gRPC, HTTP, health and pollers; anything else that
+serves calls (a replica process of a cluster) builds the same stack and drives its
+:class:`~server.service.dispatch.Dispatcher` directly. Nothing here binds a port,
+installs a signal handler or exits the process.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from server.service.config import ServerConfig
+from server.service.routing import RoutingTableFile
+
+log = logging.getLogger("switchboard.server")
+
+
+@dataclass
+class ServingStack:
+    base: Any
+    """The :class:`~server.basemodel.LoadedBaseModel`."""
+    engine: Any
+    cache: Any
+    routing: RoutingTableFile
+    dispatcher: Any
+
+    def close(self) -> None:
+        """Stop the engine (ending what still runs) and the cache's loader threads."""
+        self.engine.stop()
+        self.cache.close()
+
+
+def build_stack(cfg: ServerConfig, metrics: Any = None) -> ServingStack:
+    """Load the base model, start the engine, open the adapter cache, preload the
+    configured adapters (a failure is logged; that adapter stays refused) and read the
+    routing table. ``metrics`` (a ``ServiceMetrics``) watches engine and cache if given.
+    Blocking: run it off an event loop."""
+    from server.adapters.cache import AdapterCache
+    from server.adapters.store import AdapterStore
+    from server.basemodel import load_base_model
+    from server.engine.engine import Engine
+    from server.service.dispatch import Dispatcher
+
+    routing = RoutingTableFile(cfg.resolve(cfg.routing_table))
+    base_source = cfg.base_model if cfg.base_model == "default" else \
+        str(cfg.resolve(cfg.base_model))
+    base = load_base_model(base_source, device=cfg.device,
+                           dtype=None if cfg.dtype == "auto" else cfg.dtype,
+                           quantize=cfg.quantize)
+    log.info("base model loaded", extra={"fields": {
+        "source": base.info.source,
+        "device": str(base.model.device), "dtype": base.info.dtype,
+        "quantize": cfg.quantize, "fingerprint": base.base_fingerprint[:12]}})
+    started = time.perf_counter()
+    engine = Engine(base.model, base.tokenizer, cfg.engine)
+    log.info("decode path ready", extra={"fields": {
+        "decode_path": engine.decode_note,
+        "warmup_s": round(time.perf_counter() - started, 2)}})
+    roots = [cfg.resolve(root) for root in cfg.adapter_roots]
+    cache = AdapterCache(AdapterStore(roots), engine.slots, base.base_fingerprint,
+                         max_cpu_adapters=cfg.max_cpu_adapters)
+    if metrics is not None:
+        metrics.watch(engine, cache)
+    names = list(cfg.preload)
+    if "all" in names:
+        names = sorted(set(cache.store.names()) | (set(names) - {"all"}))
+    errors = cache.preload(names)
+    for name, error in errors.items():
+        log.error("preload failed; the adapter stays refused until its files change",
+                  extra={"fields": {"adapter": name, "error": error}})
+    log.info("adapters preloaded", extra={"fields": {
+        "loaded": [n for n in names if n not in errors], "failed": sorted(errors)}})
+    missing = sorted(routing.table.adapters() - set(cache.store.names()))
+    if missing:
+        log.warning("the routing table names adapters that are not on disk",
+                    extra={"fields": {"missing": missing, "fallback": routing.table.fallback}})
+    return ServingStack(base, engine, cache, routing,
+                        Dispatcher(engine, cache, base.tokenizer, routing))
