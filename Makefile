@@ -9,12 +9,13 @@ PIP := $(BIN)/python -m pip --quiet --disable-pip-version-check
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: help setup test test-slow lint typecheck bench soak clean-venv protos serve train eval reproduce
+.PHONY: help setup test test-slow lint typecheck bench soak clean-venv protos serve train eval eval-composition reproduce
 
 help:
 	@echo "make serve      start the server: gRPC :50051 and the OpenAI-compatible HTTP API :8000 (server/config.yaml; ARGS='--port 50052 --http-port 8001')"
 	@echo "make train ADAPTER=wuyu  train adapters/wuyu/train.yaml (or CONFIG=...), evaluate, publish"
 	@echo "make eval [ADAPTER=wuyu]  test-set chrF/BLEU of the shipped adapters vs baselines"
+	@echo "make eval-composition  a dialect adapter + the telecom_terms pack: term accuracy, chrF"
 	@echo "make reproduce ADAPTER=wuyu  retrain a shipped adapter from its committed config"
 	@echo "make protos     regenerate the gRPC stubs from protos/ (committed; a test checks them)"
 	@echo "make setup      create .venv, install torch (CPU wheel), the project and the base model"
@@ -92,9 +93,16 @@ train: setup
 eval: setup
 	$(BIN)/python -m trainer.dialect_eval $(if $(ADAPTER),--adapter $(ADAPTER)) $(ARGS)
 
+# A dialect adapter plus the telecom_terms pack on one request: term accuracy and chrF on
+# the pack's Wu and Cantonese term test sets, the pack scale chosen on validation
+# (adapters/telecom_terms/eval.json, adapters/README.md).
+eval-composition: setup
+	$(BIN)/python -m trainer.composition_eval
+
 # Retrain a shipped adapter from its committed config (replacing it in the working tree;
-# `git checkout adapters/<name>` restores it), choose its scale on val.csv, and compare
-# its test chrF with the committed one (exit 1 when more than 2 points apart).
+# `git checkout adapters/<name>` restores it), choose its scale (validation chrF within
+# the retention limits), and compare its test chrF with the committed one (exit 1 when
+# more than 2 points apart).
 reproduce: setup
 	@test -n "$(ADAPTER)" || { echo "error: give ADAPTER=<name>"; exit 2; }
 	@mkdir -p adapters/$(ADAPTER)/runs
