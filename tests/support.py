@@ -9,7 +9,7 @@ import subprocess
 import sys
 import tempfile
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import NamedTuple
 
@@ -152,3 +152,16 @@ def malformed_requests() -> list[tuple[str, pb.GenerateRequest, str]]:
         ("prompt over max_model_len",
          pb.GenerateRequest(prompt="word " * 600, max_new_tokens=8), bad),
     ]
+
+
+def run_client_threads(client: Callable[[list[int]], None], jobs: int, threads: int,
+                       timeout: float) -> None:
+    """Run ``client`` on ``threads`` threads, thread ``k`` taking jobs ``k, k+threads, ...``;
+    fail if any is still running after ``timeout`` seconds (a deadlock)."""
+    workers = [threading.Thread(target=client, args=(list(range(k, jobs, threads)),))
+               for k in range(threads)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join(timeout=timeout)
+    assert not any(w.is_alive() for w in workers), "client threads still running: deadlocked"

@@ -20,7 +20,13 @@ from server.formats.manifest import ADAPTER_WEIGHTS_FILE
 from tests.adapter_fixtures import serve
 from tests.lora_helpers import OracleRun, PeftOracle, assert_same_greedy
 from tests.polling import wait_for
-from tests.support import ALL_TARGETS, add_manifest, make_random_adapter, publish
+from tests.support import (
+    ALL_TARGETS,
+    add_manifest,
+    make_random_adapter,
+    publish,
+    run_client_threads,
+)
 
 
 def assert_matches_reference(reference: OracleRun, result: GenerationResult) -> None:
@@ -88,12 +94,7 @@ def test_stress_64_adapters_over_8_slots(tiny_model_dir, library, tmp_path, toke
             except BaseException as exc:  # surfaced below
                 errors.append(exc)
 
-        threads = [threading.Thread(target=client, args=(list(range(k, 200, 8)),))
-                   for k in range(8)]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join(timeout=600)
+        run_client_threads(client, 200, threads=8, timeout=600)
         assert not errors, errors[0]
         assert len(results) == 200
         for i, job in enumerate(jobs):

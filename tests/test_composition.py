@@ -23,7 +23,7 @@ from server.engine.request import GenerationRequest
 from server.engine.sampling import SamplingParams
 from server.errors import InvalidRequest
 from tests.lora_helpers import PeftOracle, assert_same_greedy
-from tests.support import ALL_TARGETS, make_random_adapter
+from tests.support import ALL_TARGETS, make_random_adapter, run_client_threads
 from tests.test_engine_oracle import PROMPTS
 
 SPECS = {"r4_qv": (4, ("q_proj", "v_proj")), "r8_all": (8, ALL_TARGETS),
@@ -127,7 +127,6 @@ def test_200_composed_and_single_requests_over_8_slots_and_12_adapters(
     adapter cache: every slot acquisition is all or nothing, so nothing deadlocks, every
     answer matches PEFT with the same adapters active, and nothing stays pinned."""
     import random
-    import threading
     import time
 
     from tests.adapter_fixtures import serve
@@ -170,13 +169,7 @@ def test_200_composed_and_single_requests_over_8_slots_and_12_adapters(
                 errors.append(exc)
 
         started = time.monotonic()
-        threads = [threading.Thread(target=client, args=(list(range(k, 200, 8)),))
-                   for k in range(8)]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join(timeout=300)
-        assert not any(t.is_alive() for t in threads), "deadlocked"
+        run_client_threads(client, 200, threads=8, timeout=300)
         assert not errors, errors[0]
         assert len(results) == 200
         for i, job in enumerate(jobs):
