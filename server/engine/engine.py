@@ -207,10 +207,10 @@ class Engine:
                     f"weight_scale {scale} exceeds the limit {cfg.max_weight_scale}")
         if request.composed:
             self._validate_composition(request)
-        adapter = request.adapter
-        if isinstance(adapter, int) and not self.slots.is_loaded(adapter):
-            loaded = self.slots.loaded() or "none"
-            raise InvalidRequest(f"unknown adapter slot {adapter} (loaded: {loaded})")
+        for adapter, _ in request.adapter_uses():
+            if isinstance(adapter, int) and not self.slots.is_loaded(adapter):
+                loaded = self.slots.loaded() or "none"
+                raise InvalidRequest(f"unknown adapter slot {adapter} (loaded: {loaded})")
         if request.forced_tokens is not None and any(
             not 0 <= int(t) < self.vocab_size for t in request.forced_tokens
         ):
@@ -231,10 +231,6 @@ class Engine:
             raise InvalidRequest("a composition is all loaded slots or all cache bindings")
         if len({id(a) for a in adapters} if not fixed else set(fixed)) != len(adapters):
             raise InvalidRequest("the same adapter is composed twice")
-        for slot in fixed:
-            if not self.slots.is_loaded(slot):
-                raise InvalidRequest(f"unknown adapter slot {slot} "
-                                     f"(loaded: {self.slots.loaded() or 'none'})")
 
     # -- engine thread ----------------------------------------------------------------------
     def _loop(self) -> None:
