@@ -32,13 +32,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from server.engine.request import GenerationRequest, RequestHandle
-from server.engine.sampling import SamplingParams
+from server.engine.request import RequestHandle
 from server.formats.manifest import MANIFEST_FILE, read_manifest
 from server.formats.prompt import build_prompt
-from trainer.dialect_eval import ROOT, open_generator
+from trainer.dialect_eval import ROOT, open_generator, replace_block
 from trainer.rows import Row, read_rows
-from trainer.scoring import EngineGenerator, first_line, scores
+from trainer.scoring import EngineGenerator, scores
 
 PACK = "telecom_terms"
 DIALECTS = ("wuyu", "cantonese")
@@ -79,19 +78,11 @@ def term_accuracy(outputs: list[str], rows: list[TermRow]) -> float:
 def submit(gen: EngineGenerator, template: str, texts: list[str],
            uses: list[tuple[str, float]]) -> list[RequestHandle]:
     """Greedy runs of ``texts`` in ``template`` with ``uses`` (adapter, scale) composed."""
-    sampling = SamplingParams(max_new_tokens=gen.max_new_tokens)
-    handles = []
-    for text in texts:
-        leases = [(gen.cache.lease(name), scale) for name, scale in uses]
-        handles.append(gen.engine.submit(GenerationRequest(
-            build_prompt(template, text, gen.tokenizer), sampling,
-            adapter=leases[0][0] if leases else None,
-            weight_scale=leases[0][1] if leases else 0.0, composed=tuple(leases[1:]))))
-    return handles
-
-
-def collect(handles: list[RequestHandle]) -> list[str]:
-    return [first_line(h.result(timeout=3600).text) for h in handles]
+    prompts = [build_prompt(template, text, gen.tokenizer) for text in texts]
+    if not uses:
+        return gen.submit(prompts, None, 0.0)
+    (first, scale), *rest = uses
+    return gen.submit(prompts, first, scale, composed=rest)
 
 
 def evaluate_dialect(gen: EngineGenerator, dialect: str) -> dict[str, Any]:
@@ -126,7 +117,7 @@ def evaluate_dialect(gen: EngineGenerator, dialect: str) -> dict[str, Any]:
     results: dict[str, dict[str, dict[str, float]]] = {name: {} for name in sets}
     outputs: dict[str, list[str]] = {}
     for (set_name, key), handles in pending.items():
-        answers = collect(handles)
+        answers = gen.collect(handles)
         rows = sets[set_name]
         result = {"chrf": scores(answers, [r.label for r in rows])["chrf"]}
         if set_name.startswith("term_"):
@@ -189,16 +180,9 @@ def table(results: list[dict[str, Any]]) -> str:
 
 
 def update_readme(results: list[dict[str, Any]]) -> None:
-    readme = ROOT / "README.md"
-    text = readme.read_text(encoding="utf-8")
-    block = f"{TABLE_BEGIN}\n\n{table(results)}\n\n{TABLE_END}"
-    if TABLE_BEGIN in text and TABLE_END in text:
-        head, rest = text.split(TABLE_BEGIN, 1)
-        text = head + block + rest.split(TABLE_END, 1)[1]
-    else:
-        text = text.rstrip() + "\n\n## Composition: a dialect plus a terminology pack\n\n" \
-            + block + "\n"
-    readme.write_text(text, encoding="utf-8")
+    replace_block(ROOT / "README.md", TABLE_BEGIN, TABLE_END,
+                  f"{TABLE_BEGIN}\n\n{table(results)}\n\n{TABLE_END}",
+                  "Composition: a dialect plus a terminology pack")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -227,7 +227,6 @@ def samples_markdown(results: list[dict[str, Any]]) -> str:
 def update_readme(results: list[dict[str, Any]]) -> None:
     """Replace the text between the markers in ``adapters/README.md`` (or append it)."""
     readme = ROOT / "README.md"
-    text = readme.read_text(encoding="utf-8")
     limits = results[0]["scale_curve"]["limits"]
     plots = " ".join(f"![{r['adapter']}]({r['adapter']}/scale.png)" for r in results)
     block = (f"{TABLE_BEGIN}\n\n{table(results)}\n\n"
@@ -239,11 +238,18 @@ def update_readme(results: list[dict[str, Any]]) -> None:
              f"manifest serves by default.\n\n{curve_table(results)}\n\n{plots}\n\n"
              f"Samples (default scale; outputs cut at the first newline):\n"
              f"{samples_markdown(results)}\n\n{TABLE_END}")
-    if TABLE_BEGIN in text and TABLE_END in text:
-        head, rest = text.split(TABLE_BEGIN, 1)
-        text = head + block + rest.split(TABLE_END, 1)[1]
+    replace_block(readme, TABLE_BEGIN, TABLE_END, block, "Evaluation on the test sets")
+
+
+def replace_block(readme: Path, begin: str, end: str, block: str, heading: str) -> None:
+    """Put ``block`` (which starts with ``begin`` and ends with ``end``) where those
+    markers are in ``readme``, or append it under ``heading``."""
+    text = readme.read_text(encoding="utf-8")
+    if begin in text and end in text:
+        head, rest = text.split(begin, 1)
+        text = head + block + rest.split(end, 1)[1]
     else:
-        text = text.rstrip() + "\n\n## Evaluation on the test sets\n\n" + block + "\n"
+        text = text.rstrip() + f"\n\n## {heading}\n\n" + block + "\n"
     readme.write_text(text, encoding="utf-8")
 
 

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from server.engine.request import GenerationRequest, RequestHandle
+from server.engine.request import RequestHandle
 from server.engine.sampling import SamplingParams
 from server.formats.prompt import build_prompt
 from trainer.rows import Row, read_rows
@@ -111,11 +111,8 @@ def _chrf(outputs: list[str], rows: list[Row]) -> float:
 def _submit_windows(generator: EngineGenerator, token_ids: list[int], adapter: str | None,
                     scale: float, window: int) -> list[RequestHandle]:
     windows = [token_ids[i : i + window] for i in range(0, len(token_ids), window)]
-    return [generator.engine.submit(GenerationRequest(
-        ids, SamplingParams(max_new_tokens=1),
-        adapter=generator.cache.lease(adapter) if adapter else None,
-        weight_scale=scale if adapter else 0.0, prompt_logprobs=True))
-        for ids in windows if len(ids) > 1]
+    return generator.submit([ids for ids in windows if len(ids) > 1], adapter, scale,
+                            sampling=SamplingParams(max_new_tokens=1), prompt_logprobs=True)
 
 
 def _perplexity(handles: list[RequestHandle]) -> float:

@@ -9,6 +9,7 @@ first newline and stripped, for every row and every system alike.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -62,14 +63,19 @@ class EngineGenerator:
             max_new_tokens_limit=max_new_tokens))
         self.cache = AdapterCache(AdapterStore(roots), self.engine.slots, base_fingerprint)
 
-    def submit(self, prompts: list[list[int]], adapter: str | None,
-               scale: float) -> list[RequestHandle]:
-        """Start greedy runs of ``prompts`` with ``adapter`` at ``scale``; see ``collect``.
-        Submitting several systems before collecting any fills the engine's batches."""
-        sampling = SamplingParams(max_new_tokens=self.max_new_tokens)
+    def submit(self, prompts: list[list[int]], adapter: str | None, scale: float, *,
+               composed: Sequence[tuple[str, float]] = (),
+               sampling: SamplingParams | None = None,
+               prompt_logprobs: bool = False) -> list[RequestHandle]:
+        """Start greedy runs of ``prompts`` with ``adapter`` at ``scale`` (and ``composed``
+        adapters with theirs); see ``collect``. Submitting several systems before
+        collecting any fills the engine's batches."""
+        sampling = sampling or SamplingParams(max_new_tokens=self.max_new_tokens)
         return [self.engine.submit(GenerationRequest(
             ids, sampling, adapter=self.cache.lease(adapter) if adapter else None,
-            weight_scale=scale if adapter else 0.0)) for ids in prompts]
+            weight_scale=scale if adapter else 0.0,
+            composed=tuple((self.cache.lease(name), c) for name, c in composed),
+            prompt_logprobs=prompt_logprobs)) for ids in prompts]
 
     @staticmethod
     def collect(handles: list[RequestHandle]) -> list[str]:
