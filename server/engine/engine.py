@@ -158,6 +158,10 @@ class Engine:
         """Submit and wait (for blocking callers and tests)."""
         return self.submit(request).result(timeout)
 
+    def is_alive(self) -> bool:
+        """The engine loop runs and takes requests."""
+        return self._thread.is_alive() and not self._stopping
+
     def stop(self, drain: bool = False, timeout: float | None = None) -> None:
         """Stop the engine thread; with ``drain``, finish admitted and queued work first."""
         with self._cond:

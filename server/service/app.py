@@ -20,6 +20,8 @@ import os
 import signal
 import sys
 import threading
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -38,7 +40,6 @@ from server.service.daemon_thread import run_in_daemon_thread
 from server.service.http_api import HttpApi, HttpServer
 from server.service.logs import configure_logging
 from server.service.metrics import ServiceMetrics
-from server.service.routing import RoutingTableFile
 from server.service.servicer import SwitchboardServicer
 from server.service.stack import build_stack
 
@@ -52,6 +53,25 @@ def base_model_id(source: str) -> str:
     if source == "default":
         return DEFAULT_GGUF_NAME.split(".")[0]
     return Path(source.rstrip("/")).name.removesuffix(".gguf")
+
+
+@dataclass
+class Backend:
+    """What the front-ends serve from: the engine stack in this process, or a cluster's
+    replicas. ``adapters`` answers the admin rpcs (an AdapterCache or alike)."""
+
+    dispatcher: Any
+    adapters: Any
+    model_id: str
+    """The base model's name in the HTTP API."""
+    poll: Callable[[], object]
+    """Adapter folders and the routing table, checked every ``poll_interval_s``."""
+    close: Callable[[], None]
+    routing: Any = None
+    """The :class:`RoutingTableFile` the dispatcher routes by."""
+    engine: Any = None
+    cache: Any = None
+    watcher: Any = None
 
 
 class SwitchboardServer:
@@ -72,7 +92,8 @@ class SwitchboardServer:
         self.engine: Any = None
         self.cache: Any = None
         self.watcher: Any = None
-        self.routing: RoutingTableFile | None = None
+        self.backend: Backend | None = None
+        self.routing: Any = None
         self.ready = asyncio.Event()
         self._stopped = asyncio.Event()
         self._stop_polling = threading.Event()
@@ -134,31 +155,51 @@ class SwitchboardServer:
         await run_in_daemon_thread(self._load, name="switchboard-load")
 
     def _load(self) -> None:
-        """The serving stack (``stack.build_stack``), published to the front-ends and
-        pollers unless shutdown began meanwhile (a worker thread)."""
-        from server.adapters.watcher import AdapterWatcher
-
-        stack = build_stack(self.config, self.metrics)
+        """The backend (:meth:`_open_backend`), published to the front-ends and the
+        poller unless shutdown began meanwhile (a worker thread)."""
+        backend = self._open_backend()
         with self._publish:
             if self.state.draining:  # stopped while loading: nothing will serve
-                stack.close()
+                backend.close()
                 return
-            self.engine, self.cache, self.routing = stack.engine, stack.cache, stack.routing
-            self.watcher = AdapterWatcher(stack.cache)
-            self.runner.attach(stack.dispatcher)
-            self.servicer.attach(stack.cache)
-            self.http_api.attach(stack.cache, base_model_id(stack.base.info.source))
+            self.backend = backend
+            self.engine, self.cache, self.watcher = backend.engine, backend.cache, \
+                backend.watcher
+            self.routing = backend.routing
+            self.runner.attach(backend.dispatcher)
+            self.servicer.attach(backend.adapters)
+            self.http_api.attach(backend.adapters, backend.model_id)
             self._poller = threading.Thread(target=self._poll, name="switchboard-poll",
                                             daemon=True)
             self._poller.start()
 
+    def _open_backend(self) -> Backend:
+        """This process's serving stack (``stack.build_stack``); a cluster's ingress
+        overrides it with one that calls the replicas."""
+        from server.adapters.watcher import AdapterWatcher
+
+        stack = build_stack(self.config, self.metrics)
+        watcher = AdapterWatcher(stack.cache)
+
+        def poll() -> None:
+            watcher.poll_now()
+            stack.routing.check()
+
+        def stop() -> None:
+            stack.engine.stop(False, 10.0)
+            stack.cache.close()
+
+        return Backend(stack.dispatcher, stack.cache, base_model_id(stack.base.info.source),
+                       poll, stop, routing=stack.routing, engine=stack.engine,
+                       cache=stack.cache, watcher=watcher)
+
     def _poll(self) -> None:
-        """Adapter folders and the routing table, every ``poll_interval_s``."""
+        """The backend's poll (adapter folders, the routing table) every
+        ``poll_interval_s``."""
         while not self._stop_polling.wait(self.config.poll_interval_s):
             try:
-                self.watcher.poll_now()  # set before the poller starts
-                if self.routing is not None:
-                    self.routing.check()
+                if self.backend is not None:
+                    self.backend.poll()
             except Exception:
                 log.exception("poll failed")
 
@@ -184,10 +225,8 @@ class SwitchboardServer:
             await self.server.stop(2.0 if finished else 1.0)
         await self.http.stop()
         self._stop_polling.set()
-        if self.engine is not None:
-            await asyncio.to_thread(self.engine.stop, False, 10.0)
-        if self.cache is not None:
-            self.cache.close()
+        if self.backend is not None:
+            await asyncio.to_thread(self.backend.close)
         self.metrics.close()
         log.info("stopped")
         self._stopped.set()
@@ -242,6 +281,14 @@ def build_parser() -> argparse.ArgumentParser:
                         help="one JSON object per log line")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="any setting, e.g. --set engine.max_loras=16 (repeatable)")
+    cluster = parser.add_argument_group(
+        "cluster", "scale-out on Ray Serve (pip install 'switchboard[cluster]'; "
+        "docs/cluster.md); settings under cluster: in the config file")
+    cluster.add_argument("--cluster", action="store_true",
+                         help="serve through replicas on a Ray cluster")
+    cluster.add_argument("--address", help="Ray cluster to join: auto or HOST:PORT "
+                         "(default: start a local one)")
+    cluster.add_argument("--replicas", type=int, help="replicas of the base model")
     return parser
 
 
@@ -255,6 +302,10 @@ def main(argv: list[str]) -> int:
             value = getattr(args, key)
             if value is not None:
                 overrides[key] = value
+        for key in ("address", "replicas"):
+            value = getattr(args, key)
+            if value is not None:
+                overrides.setdefault("cluster", {})[key] = value
         config = load_config(Path(args.config), overrides)
     except SwitchboardError as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -263,7 +314,12 @@ def main(argv: list[str]) -> int:
     log.info("configuration", extra={"fields": {"config": config.public_dict()}})
     code = 1
     try:
-        code = asyncio.run(serve(config))
+        if args.cluster:
+            from server.cluster.launcher import run as run_cluster
+
+            code = run_cluster(config)
+        else:
+            code = asyncio.run(serve(config))
     except SwitchboardError as exc:
         print(f"error: {exc}", file=sys.stderr)
         code = 2

@@ -272,7 +272,7 @@ class CallRunner:
 
     def limits(self) -> CallLimits:
         assert self.dispatcher is not None
-        engine_config = self.dispatcher.engine.config
+        engine_config = self.dispatcher.engine_config
         return CallLimits(self.settings.default_max_new_tokens,
                           engine_config.max_new_tokens_limit, engine_config.max_weight_scale,
                           min(engine_config.max_adapters_per_request, engine_config.max_loras))

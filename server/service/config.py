@@ -19,6 +19,7 @@ from typing import Any
 
 import yaml
 
+from server.cluster.settings import ClusterConfig
 from server.engine.config import EngineConfig
 from server.errors import InvalidOption
 from server.formats.files import read_yaml_mapping
@@ -88,6 +89,8 @@ class ServerConfig:
     """Log utterance text (off: logs never hold what callers said)."""
     engine: EngineConfig = field(default_factory=lambda: EngineConfig(max_lora_rank=64))
     """The engine's settings (see ``server/engine/config.py``)."""
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    """Scale-out on Ray Serve (``switchboard serve --cluster``; see docs/cluster.md)."""
 
     def __post_init__(self) -> None:
         for name in ("port", "metrics_port", "http_port"):

@@ -75,6 +75,7 @@ def generate_response(call: Call, dispatched: Dispatched,
                            total_ms=timings.total_s * 1000),
         adapters=[pb.AdapterRef(name=name, version=version, weight_scale=scale)
                   for name, version, scale in dispatched.adapters],
+        replica=dispatched.replica,
     )
 
 

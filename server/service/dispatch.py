@@ -9,13 +9,14 @@ version, route, fallback reason, template) is decided here, once.
 from __future__ import annotations
 
 import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import Any
+from typing import Any, Protocol
 
 from server.adapters.cache import AdapterCache, AdapterLease
 from server.engine.engine import Engine
-from server.engine.request import GenerationRequest, GenerationResult, RequestHandle
+from server.engine.request import Event, GenerationRequest, GenerationResult
 from server.engine.sampling import SamplingParams
 from server.errors import (
     AdapterIncompatible,
@@ -82,11 +83,20 @@ class CallTimings:
     total_s: float
 
 
+class CallHandle(Protocol):
+    """A running call's events and its cancel: an engine ``RequestHandle`` here, a
+    replica's stream in a cluster."""
+
+    def stream(self) -> AsyncIterator[Event]: ...
+
+    def cancel(self) -> None: ...
+
+
 @dataclass
 class Dispatched:
     """A call on its way through the engine, and how it is being served."""
 
-    handle: RequestHandle
+    handle: CallHandle
     adapter: str | None
     """The (first) adapter, or None for the base model."""
     version: str
@@ -104,6 +114,8 @@ class Dispatched:
     metric_label: str = ""
     """The ``adapter`` label of its metrics: the name, ``a+b`` for a composition the
     routing table names, ``composed`` for any other (labels stay bounded)."""
+    replica: str = ""
+    """The cluster replica that served the call ('' in a single server)."""
 
     def timings(self, result: GenerationResult) -> CallTimings:
         first = result.first_token_at
@@ -116,6 +128,12 @@ class Dispatched:
             total_s=result.finished_at - self.received_at)
 
 
+def route_call(table: RoutingTable, call: Call) -> RouteDecision:
+    """Which adapters serve ``call`` by ``table`` (nothing leased); InvalidRequest for a
+    malformed number or region."""
+    return table.route(call.dialect, call.caller_number, call.region, call.adapters)
+
+
 class Dispatcher:
     def __init__(self, engine: Engine, cache: AdapterCache, tokenizer: Any,
                  routing: Any) -> None:
@@ -126,6 +144,11 @@ class Dispatcher:
         self.tokenizer = tokenizer
         self.routing = routing
 
+    @property
+    def engine_config(self) -> Any:
+        """The :class:`EngineConfig` whose limits every call is validated against."""
+        return self.engine.config
+
     async def start(self, call: Call) -> Dispatched:
         """Route, lease the adapters, build the prompt and submit; raise a domain error."""
         return await self.run(call, self.route(call))
@@ -133,8 +156,7 @@ class Dispatcher:
     def route(self, call: Call) -> RouteDecision:
         """Which adapters serve ``call`` (the routing table's decision; nothing leased).
         Raise InvalidRequest for a malformed number or region."""
-        table: RoutingTable = self.routing.table
-        return table.route(call.dialect, call.caller_number, call.region, call.adapters)
+        return route_call(self.routing.table, call)
 
     async def run(self, call: Call, decision: RouteDecision) -> Dispatched:
         """Lease ``decision``'s adapters (falling back as the table says when a routed one

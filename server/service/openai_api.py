@@ -227,12 +227,16 @@ def served_model(dispatched: Dispatched, base_id: str) -> str:
 
 
 def switchboard_extra(dispatched: Dispatched, request_id: str) -> dict[str, Any]:
-    """The ``switchboard`` object of a response: how the call was served."""
-    return {"route": dispatched.route.value, "route_detail": dispatched.route_detail,
+    """The ``switchboard`` object of a response: how the call was served (``replica``
+    only from a cluster)."""
+    extra = {"route": dispatched.route.value, "route_detail": dispatched.route_detail,
             "adapter_version": dispatched.version, "fallback_reason": dispatched.fallback_reason,
             "weight_scale": dispatched.weight_scale, "request_id": request_id,
             "adapters": [{"name": name, "version": version, "weight_scale": scale}
                          for name, version, scale in dispatched.adapters]}
+    if dispatched.replica:
+        extra["replica"] = dispatched.replica
+    return extra
 
 
 def usage(finished: Finished) -> dict[str, int]:

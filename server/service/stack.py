@@ -35,6 +35,11 @@ class ServingStack:
         self.cache.close()
 
 
+def base_source(cfg: ServerConfig) -> str:
+    """The base model setting as a path (or ``default``)."""
+    return cfg.base_model if cfg.base_model == "default" else str(cfg.resolve(cfg.base_model))
+
+
 def build_stack(cfg: ServerConfig, metrics: Any = None) -> ServingStack:
     """Load the base model, start the engine, open the adapter cache, preload the
     configured adapters (a failure is logged; that adapter stays refused) and read the
@@ -47,9 +52,7 @@ def build_stack(cfg: ServerConfig, metrics: Any = None) -> ServingStack:
     from server.service.dispatch import Dispatcher
 
     routing = RoutingTableFile(cfg.resolve(cfg.routing_table))
-    base_source = cfg.base_model if cfg.base_model == "default" else \
-        str(cfg.resolve(cfg.base_model))
-    base = load_base_model(base_source, device=cfg.device,
+    base = load_base_model(base_source(cfg), device=cfg.device,
                            dtype=None if cfg.dtype == "auto" else cfg.dtype,
                            quantize=cfg.quantize)
     log.info("base model loaded", extra={"fields": {

@@ -393,6 +393,7 @@ class GenerateResponse(_message.Message):
     REQUEST_ID_FIELD_NUMBER: _builtins.int
     TIMINGS_FIELD_NUMBER: _builtins.int
     ADAPTERS_FIELD_NUMBER: _builtins.int
+    REPLICA_FIELD_NUMBER: _builtins.int
     text: _builtins.str
     """The generated text (stop strings excluded)."""
     route: Global___Route.ValueType
@@ -417,6 +418,8 @@ class GenerateResponse(_message.Message):
     """The weight_scale applied (0 for the base model)."""
     request_id: _builtins.str
     """The request id (the caller's or the server's)."""
+    replica: _builtins.str
+    """The cluster replica that served the request (empty from a single server)."""
     @_builtins.property
     def adapter(self) -> Global___AdapterRef:
         """The adapter actually used."""
@@ -448,10 +451,11 @@ class GenerateResponse(_message.Message):
         request_id: _builtins.str = ...,
         timings: Global___Timings | None = ...,
         adapters: _abc.Iterable[Global___AdapterRef] | None = ...,
+        replica: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["adapter", b"adapter", "timings", b"timings"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["adapter", b"adapter", "adapters", b"adapters", "completion_tokens", b"completion_tokens", "fallback_reason", b"fallback_reason", "finish_reason", b"finish_reason", "prompt_template", b"prompt_template", "prompt_tokens", b"prompt_tokens", "request_id", b"request_id", "route", b"route", "route_detail", b"route_detail", "template_source", b"template_source", "text", b"text", "timings", b"timings", "weight_scale", b"weight_scale"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["adapter", b"adapter", "adapters", b"adapters", "completion_tokens", b"completion_tokens", "fallback_reason", b"fallback_reason", "finish_reason", b"finish_reason", "prompt_template", b"prompt_template", "prompt_tokens", b"prompt_tokens", "replica", b"replica", "request_id", b"request_id", "route", b"route", "route_detail", b"route_detail", "template_source", b"template_source", "text", b"text", "timings", b"timings", "weight_scale", b"weight_scale"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

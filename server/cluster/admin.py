@@ -1,0 +1,236 @@
+"""Admin rpcs that reach every replica, through one small Ray actor.
+
+Ray Serve routes a call to *one* replica; load, unload and reload must reach *all* of
+them, including a replica started later. The :class:`AdminBoard` actor keeps the ordered
+log of admin commands. Each replica's :class:`AdminFollower` long-polls it, applies every
+command to its own adapter cache in order and posts the result; the ingress's
+:class:`ClusterAdapters` (what the admin rpcs call) submits a command and waits until
+every live replica has answered. A replica that starts later replays the log's
+load/unload/reload commands, so it serves what the operators asked for; read-only
+commands (info, list, stats) leave the log once answered.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import logging
+import threading
+import time
+from typing import Any
+
+import ray
+
+from server.adapters.cache import AdapterInfo
+from server.cluster.wire import WireError
+from server.errors import ServiceUnavailable, SwitchboardError
+
+log = logging.getLogger("switchboard.cluster")
+
+BOARD_NAME = "switchboard-admin"
+NAMESPACE = "serve"
+"""Ray Serve's namespace, where the deployments' actors (and so the board) live."""
+POLL_S = 2.0
+LIVE_S = 3 * POLL_S + 4.0
+"""A replica that has not polled for this long is taken for gone (it is not waited for)."""
+MUTATING = ("load", "unload", "reload")
+TIER_RANK = {"disk": 0, "host": 1, "device": 2}
+
+Command = tuple[int, str, str, str | None]
+"""(sequence number, op, adapter name, version)."""
+
+
+@ray.remote(num_cpus=0)
+class AdminBoard:
+    """The admin log and the replicas' answers (an async actor: waits do not block)."""
+
+    def __init__(self) -> None:
+        self.commands: list[Command] = []
+        self.seq = 0
+        self.answers: dict[int, dict[str, Any]] = {}
+        self.seen: dict[str, float] = {}
+        self.changed = asyncio.Condition()
+
+    async def poll(self, replica: str, after: int, timeout: float) -> list[Command]:
+        """The commands after ``after`` (waiting up to ``timeout`` for one)."""
+        self.seen[replica] = time.monotonic()
+        async with self.changed:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.changed.wait_for(lambda: self.seq > after), timeout)
+        self.seen[replica] = time.monotonic()
+        return [c for c in self.commands if c[0] > after]
+
+    async def submit(self, op: str, name: str, version: str | None) -> int:
+        async with self.changed:
+            self.seq += 1
+            self.commands.append((self.seq, op, name, version))
+            self.answers[self.seq] = {}
+            self.changed.notify_all()
+        return self.seq
+
+    async def answer(self, replica: str, seq: int, result: Any) -> None:
+        async with self.changed:
+            self.seen[replica] = time.monotonic()
+            if seq in self.answers:
+                self.answers[seq][replica] = result
+            self.changed.notify_all()
+
+    async def leave(self, replica: str) -> None:
+        async with self.changed:
+            self.seen.pop(replica, None)
+            self.changed.notify_all()
+
+    def live(self) -> list[str]:
+        now = time.monotonic()
+        return sorted(r for r, at in self.seen.items() if now - at <= LIVE_S)
+
+    async def results(self, seq: int, timeout: float) -> dict[str, Any]:
+        """Every live replica's answer to ``seq`` (or those in by ``timeout``); the
+        command then leaves the log unless it changes state."""
+        deadline = time.monotonic() + timeout
+        answers = self.answers.get(seq, {})
+        async with self.changed:
+            while True:
+                live = self.live()
+                if live and all(r in answers for r in live):
+                    break
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                # Wake at least every second: a dead replica drops out of live().
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self.changed.wait(), min(left, 1.0))
+            self.answers.pop(seq, None)
+            self.commands = [c for c in self.commands if c[0] != seq or c[1] in MUTATING]
+        return answers
+
+    def replicas(self) -> list[str]:
+        return self.live()
+
+
+def board(create: bool = False) -> Any:
+    """The cluster's board (created by the first caller with ``create``)."""
+    if create:
+        return AdminBoard.options(  # type: ignore[attr-defined]
+            name=BOARD_NAME, namespace=NAMESPACE, get_if_exists=True,
+            lifetime="detached").remote()
+    return ray.get_actor(BOARD_NAME, namespace=NAMESPACE)
+
+
+class AdminFollower:
+    """A replica's side: apply the board's commands to this replica's cache, in order."""
+
+    def __init__(self, board_handle: Any, replica: str, cache: Any, engine: Any) -> None:
+        self.board = board_handle
+        self.replica = replica
+        self.cache = cache
+        self.engine = engine
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="switchboard-admin",
+                                        daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        try:
+            ray.get(self.board.leave.remote(self.replica), timeout=5)
+        except Exception:  # the board is gone already (cluster shutdown)
+            log.debug("board gone at replica stop", exc_info=True)
+
+    def _run(self) -> None:
+        after = 0
+        while not self._stop.is_set():
+            try:
+                commands = ray.get(self.board.poll.remote(self.replica, after, POLL_S),
+                                   timeout=POLL_S + 10)
+            except Exception:
+                log.warning("admin board unreachable; retrying", exc_info=True)
+                self._stop.wait(1.0)
+                continue
+            for seq, op, name, version in commands:
+                result = self.apply(op, name, version)
+                self.board.answer.remote(self.replica, seq, result)
+                after = seq
+
+    def stats(self) -> dict[str, Any]:
+        """This replica's cache counters and gauges and its engine's gauges."""
+        counters = dataclasses.asdict(self.cache.stats)
+        counters.pop("load_seconds", None)
+        return {"replica": self.replica, "cache": {**counters, **self.cache.usage()},
+                "held": self.cache.held(), "engine": self.engine.stats()}
+
+    def apply(self, op: str, name: str, version: str | None) -> Any:
+        try:
+            if op == "load":
+                return self.cache.load(name)
+            if op == "unload":
+                self.cache.unload(name)
+                return self.cache.info(name)
+            if op == "reload":
+                return self.cache.reload(name, version)
+            if op == "info":
+                return self.cache.info(name)
+            if op == "list":
+                return self.cache.list_adapters()
+            if op == "stats":
+                return self.stats()
+            return WireError("InternalError", f"unknown admin op {op!r}")
+        except SwitchboardError as exc:
+            return WireError.of(exc)
+        except Exception as exc:
+            log.exception("admin command failed")
+            return WireError("InternalError",
+                             f"{op} failed on replica {self.replica}: {type(exc).__name__}")
+
+
+class ClusterAdapters:
+    """The admin rpcs' view of the adapters, over every replica (blocking calls: the
+    servicer runs them on a worker thread, as it does an AdapterCache's)."""
+
+    def __init__(self, board_handle: Any, timeout: float) -> None:
+        self.board = board_handle
+        self.timeout = timeout
+
+    def _ask(self, op: str, name: str = "", version: str | None = None) -> list[Any]:
+        seq = ray.get(self.board.submit.remote(op, name, version))
+        answers = ray.get(self.board.results.remote(seq, self.timeout))
+        if not answers:
+            raise ServiceUnavailable(f"no replica answered {op} within {self.timeout:g} s")
+        for result in answers.values():
+            if isinstance(result, WireError):
+                raise result.error()
+        return list(answers.values())
+
+    def load(self, name: str) -> AdapterInfo:
+        return merge_infos(self._ask("load", name))
+
+    def unload(self, name: str) -> None:
+        self._ask("unload", name)
+
+    def reload(self, name: str, version: str | None = None) -> AdapterInfo:
+        return merge_infos(self._ask("reload", name, version))
+
+    def info(self, name: str) -> AdapterInfo:
+        return merge_infos(self._ask("info", name))
+
+    def replica_stats(self) -> list[dict[str, Any]]:
+        """Each live replica's cache and engine figures (benchmarks, leak checks)."""
+        return self._ask("stats")
+
+    def list_adapters(self) -> list[AdapterInfo]:
+        by_name: dict[str, list[AdapterInfo]] = {}
+        for infos in self._ask("list"):
+            for info in infos:
+                by_name.setdefault(info.name, []).append(info)
+        return [merge_infos(by_name[name]) for name in sorted(by_name)]
+
+
+def merge_infos(infos: list[AdapterInfo]) -> AdapterInfo:
+    """One adapter across replicas: the hottest replica's view (device over host over
+    disk), with pins and requests served summed."""
+    best = max(infos, key=lambda i: (TIER_RANK.get(i.tier, 0), i.version or ""))
+    return dataclasses.replace(best, pinned=sum(i.pinned for i in infos),
+                               requests_served=sum(i.requests_served for i in infos))

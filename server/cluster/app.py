@@ -1,0 +1,100 @@
+"""The Ray Serve application: one ingress deployment in front of the replica deployment.
+
+``build_app(config)`` is what ``switchboard serve --cluster`` runs; ``app_builder`` is the
+same for ``serve run`` / a KubeRay RayService (``import_path: server.cluster.app:app_builder``
+with ``args: {config: path}``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator
+from typing import Any
+
+from ray import serve
+from ray.serve import Application
+
+from server.cluster import admin
+from server.cluster.ingress import SwitchboardIngress
+from server.cluster.replica import ReplicaServer, Residency
+from server.cluster.wire import WireCall
+from server.service.config import DEFAULT_CONFIG_PATH, ServerConfig, load_config
+from server.service.routing import RouteDecision
+
+INGRESS = "SwitchboardIngress"
+REPLICA = "SwitchboardReplica"
+
+
+def replica_class(resident_sets: int) -> type:
+    """The replica deployment's class, with Ray Serve's multiplexing LRU sized to
+    ``resident_sets`` adapter sets (a decorator argument, so the class is made here)."""
+
+    class SwitchboardReplica:
+        async def __init__(self, config: ServerConfig) -> None:  # type: ignore[misc]
+            import asyncio
+
+            replica = serve.get_replica_context().replica_id.unique_id
+            self.server: ReplicaServer | None = None
+            self.server = await asyncio.to_thread(ReplicaServer, config, replica,
+                                                  admin.board(create=True))
+
+        @serve.multiplexed(max_num_models_per_replica=resident_sets)
+        async def hold(self, key: str) -> Residency:
+            assert self.server is not None
+            return await self.server.hold(key)
+
+        async def generate(self, wire: WireCall, decision: RouteDecision
+                           ) -> AsyncIterator[Any]:
+            assert self.server is not None
+            key = serve.get_multiplexed_model_id()
+            if key:
+                # A set that cannot load is not held; the run step then reports why (or
+                # falls back, as the routing table says).
+                with contextlib.suppress(Exception):
+                    await self.hold(key)
+            async for item in self.server.generate(wire, decision):
+                yield item
+
+        def check_health(self) -> None:
+            if self.server is not None:
+                self.server.check_health()
+
+        async def __del__(self) -> None:
+            if self.server is not None:
+                await self.server.aclose()
+
+    return SwitchboardReplica
+
+
+def build_app(config: ServerConfig) -> Application:
+    cluster = config.cluster
+    engine = config.engine
+    options: dict[str, Any] = {
+        "name": REPLICA,
+        "ray_actor_options": cluster.ray_actor_options.as_dict(),
+        # The engine queues and batches; Serve only needs to pass that many through.
+        "max_ongoing_requests": engine.max_batch_size + engine.max_queue_size,
+        "graceful_shutdown_timeout_s": config.grace_period_s + 5,
+        "health_check_period_s": 5,
+        "health_check_timeout_s": 30,
+    }
+    if cluster.autoscaling:
+        options["autoscaling_config"] = {
+            "min_replicas": cluster.min_replicas, "max_replicas": cluster.max_replicas,
+            "target_ongoing_requests": cluster.target_ongoing_requests}
+    else:
+        options["num_replicas"] = cluster.replicas
+    resident = cluster.adapters_per_replica or engine.max_loras
+    replica = serve.deployment(**options)(replica_class(resident))
+    ingress = serve.deployment(
+        name=INGRESS, num_replicas=1, ray_actor_options={"num_cpus": 0},
+        graceful_shutdown_timeout_s=config.grace_period_s + 5,
+    )(SwitchboardIngress)
+    return ingress.bind(config, replica.bind(config))
+
+
+def app_builder(args: dict[str, Any]) -> Application:
+    """For ``serve run server.cluster.app:app_builder config=...`` and RayService
+    manifests: the configuration file (default server/config.yaml), environment
+    variables applied as for ``switchboard serve``."""
+    return build_app(load_config(args.get("config", DEFAULT_CONFIG_PATH)))
