@@ -351,18 +351,17 @@ class AdapterCache:
                 self._held[name] = self._held.get(name, 0) + 1
 
     def let_go(self, names: Sequence[str]) -> None:
-        """End a :meth:`hold`: a name no longer held gives up its device slot at once
-        unless a request is using it, and becomes the host LRU's to evict."""
+        """End a :meth:`hold`: a name no longer held is the first whose device slot is
+        taken when one is needed (its slot stays loaded until then, so a late call for
+        it still hits) and becomes the host LRU's to evict. A slot in use is never
+        taken."""
         with self._lock:
             for name in names:
                 count = self._held.get(name, 0) - 1
                 if count > 0:
                     self._held[name] = count
-                    continue
-                self._held.pop(name, None)
-                entry = self._current.get(name)
-                if entry is not None and entry.slot_pins == 0:
-                    self._free_slot(entry)
+                else:
+                    self._held.pop(name, None)
             self._evict_host()
 
     def held(self) -> list[str]:

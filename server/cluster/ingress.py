@@ -50,7 +50,8 @@ class IngressServer(SwitchboardServer):
                 raise ServiceUnavailable("no replica came up")
             time.sleep(0.2)
         dispatcher = RemoteDispatcher(self.replicas, routing, cfg.engine,
-                                      on_dispatch=self._count)
+                                      on_dispatch=self._count,
+                                      by_adapter=cfg.cluster.route_by_adapter)
         return Backend(dispatcher, admin.ClusterAdapters(board, cfg.cluster.admin_timeout_s),
                        base_model_id(base_source(cfg)), routing.check, lambda: None,
                        routing=routing)

@@ -59,22 +59,25 @@ class RemoteHandle:
 
 class RemoteDispatcher:
     def __init__(self, replicas: Any, routing: Any, engine_config: Any,
-                 on_dispatch: Callable[[str], None] | None = None) -> None:
+                 on_dispatch: Callable[[str], None] | None = None,
+                 by_adapter: bool = True) -> None:
         """``replicas``: the replica deployment's ``DeploymentHandle``; ``routing``: a
         :class:`RoutingTableFile`; ``engine_config``: the limits calls are checked
         against (every replica runs the same configuration); ``on_dispatch`` is told
-        which replica took each call (metrics)."""
+        which replica took each call (metrics); ``by_adapter`` off drops the adapter
+        affinity (Serve's plain least-busy choice)."""
         self.replicas = replicas
         self.routing = routing
         self.engine_config = engine_config
         self.on_dispatch = on_dispatch
+        self.by_adapter = by_adapter
 
     def route(self, call: Call) -> RouteDecision:
         return route_call(self.routing.table, call)
 
     async def start(self, call: Call) -> Dispatched:
         decision = self.route(call)
-        key = multiplex_key([name for name, _ in decision.uses])
+        key = multiplex_key([name for name, _ in decision.uses]) if self.by_adapter else ""
         handle = self.replicas.options(stream=True, multiplexed_model_id=key)
         responses = handle.generate.remote(WireCall(call, time.monotonic()), decision)
         try:

@@ -31,8 +31,9 @@ log = logging.getLogger("switchboard.cluster")
 
 class Residency:
     """What Ray Serve's multiplexing LRU holds for one model id: the adapter cache keeps
-    those adapters resident until Serve unloads the id (it calls ``__del__``), and then
-    frees their slots unless a call is using them. Ray decides; the cache follows."""
+    those adapters resident until Serve unloads the id (it calls ``__del__``); their
+    slots are then the first the cache gives to another adapter (never one in use).
+    Ray decides; the cache follows."""
 
     def __init__(self, cache: Any, names: list[str]) -> None:
         self._cache = cache

@@ -45,6 +45,9 @@ class ClusterConfig:
     adapters_per_replica: int = 0
     """Adapter sets a replica keeps resident (Ray Serve's multiplexing LRU, which the
     adapter cache follows); 0: the engine's ``max_loras``, so residents fit the slots."""
+    route_by_adapter: bool = True
+    """Send each call to a replica that holds its adapters (Ray Serve's multiplexing);
+    off, calls go to the least busy replica whatever they need (for comparison)."""
     replica_metrics_port: int = 0
     """Each replica's own Prometheus page (engine and cache gauges); 0: a free port,
     logged at start (replicas on one node cannot share one); -1: off."""
