@@ -9,7 +9,7 @@ PIP := $(BIN)/python -m pip --quiet --disable-pip-version-check
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: help setup test test-slow lint typecheck bench soak clean-venv protos serve train eval eval-composition reproduce
+.PHONY: help setup test test-slow lint typecheck bench soak clean-venv protos serve serve-cluster train eval eval-composition reproduce
 
 help:
 	@echo "make serve      start the server: gRPC :50051 and the OpenAI-compatible HTTP API :8000 (server/config.yaml; ARGS='--port 50052 --http-port 8001')"
@@ -25,6 +25,8 @@ help:
 	@echo "make typecheck  mypy"
 	@echo "make bench      benchmarks (bench/results/*.json)"
 	@echo "make soak DURATION=600  reliability soak on a real server (bench/results/soak.json)"
+	@echo "make soak DURATION=300 ARGS=--cluster  the soak through a 2-replica cluster, one replica killed"
+	@echo "make serve-cluster REPLICAS=2  the server through replicas on a local Ray Serve cluster"
 
 # The stamp makes setup a no-op until pyproject.toml or constraints.txt change.
 $(STAMP): pyproject.toml constraints.txt
@@ -62,7 +64,7 @@ clean-venv:
 # outcome or leak (docs/reliability.md). A 90-second version runs in the slow tier.
 DURATION ?= 600
 soak: setup
-	$(BIN)/python -m bench.soak --duration $(DURATION)
+	$(BIN)/python -m bench.soak --duration $(DURATION) $(ARGS)
 
 # Benchmarks are scripts, not timed tests; each writes bench/results/<area>.json.
 bench: setup
@@ -71,6 +73,7 @@ bench: setup
 	$(BIN)/python -m bench.adapters_bench
 	$(BIN)/python -m bench.e2e_bench
 	$(BIN)/python -m bench.trainer_bench
+	$(BIN)/python -m bench.cluster_bench
 
 # Stubs are committed so that clients work without grpcio-tools; tests/test_protos.py
 # fails when they are out of date with the .proto.
@@ -82,6 +85,11 @@ protos: setup
 
 serve: setup
 	$(BIN)/switchboard serve $(ARGS)
+
+# The same service through REPLICAS replicas on a local Ray Serve cluster (docs/cluster.md).
+REPLICAS ?= 2
+serve-cluster: setup
+	$(BIN)/switchboard serve --cluster --replicas $(REPLICAS) $(ARGS)
 
 # make train ADAPTER=wuyu [CONFIG=path/to/train.yaml] [ARGS="--set epochs=3 --force"]
 train: setup

@@ -25,7 +25,15 @@ when the traffic has stopped, the server's anonymous RSS (median of the first an
 minute after a warm-up that touches every adapter), and p50/p95 latency of the valid
 calls under load against an idle run of the same calls one at a time.
 
+With ``--cluster`` the server is ``switchboard serve --cluster`` (2 replicas of the
+default model on a local Ray, 1 torch thread each): the same classes and checks through
+the ingress, the pins, slots and queues left counted on every replica (the ingress's
+``replica``-labelled gauges), the RSS summed over the replicas, and one replica killed
+halfway: the calls it held may end UNAVAILABLE (only within ``KILL_WINDOW_S`` of the
+kill, and counted), and Ray Serve must replace it within 60 s.
+
     python -m bench.soak --duration 600      # make soak DURATION=600
+    python -m bench.soak --cluster --duration 300   # make soak ARGS=--cluster
 """
 
 from __future__ import annotations
@@ -83,6 +91,19 @@ HTTP_SHARE = 0.25
 """Of the valid, malformed, cancel and deadline calls, the share sent over HTTP."""
 DOC = REPO_ROOT / "docs" / "reliability.md"
 DOC_BEGIN, DOC_END = "<!-- soak-table:begin -->", "<!-- soak-table:end -->"
+CLUSTER_DOC_BEGIN, CLUSTER_DOC_END = ("<!-- soak-cluster-table:begin -->",
+                                      "<!-- soak-cluster-table:end -->")
+CLUSTER_CONFIG = """
+cluster:
+  replicas: 2
+  torch_threads: 1
+  replica_metrics_port: -1
+  app_name: switchboard-soak
+"""
+CLUSTER_REPLICAS = 2
+KILL_WINDOW_S = 30.0
+"""After a replica kill, UNAVAILABLE is allowed for this long (the calls it held)."""
+REPLACE_LIMIT_S = 60.0
 LEAK_GAUGES = ("switchboard_queue_depth", "switchboard_running_batch_size",
                "switchboard_adapter_version_pins", "switchboard_adapter_slot_pins",
                "switchboard_adapter_loads_in_progress")
@@ -135,11 +156,17 @@ class Tally:
     disallowed: list[str] = field(default_factory=list)
     streams_without_final: int = 0
     valid_latency: list[float] = field(default_factory=list)
+    unavailable_until: float = 0.0
+    """``time.monotonic()`` until which UNAVAILABLE is allowed (a replica was killed)."""
+    lost_to_kill: int = 0
 
     def record(self, kind: str, status: str, allowed: frozenset[str], detail: str = "",
                protocol: str = "grpc") -> None:
         self.calls[(kind, status)] += 1
         self.by_protocol[(kind, protocol)] += 1
+        if status == "UNAVAILABLE" and time.monotonic() <= self.unavailable_until:
+            self.lost_to_kill += 1
+            return
         if status not in allowed:
             self.disallowed.append(f"{kind} ({protocol}) {detail}: {status}")
 
@@ -434,14 +461,53 @@ def anon_rss_mb(pid: int) -> float:
 
 
 def gauges(metrics_url: str) -> dict[str, float]:
-    with urllib.request.urlopen(metrics_url, timeout=10) as response:
+    """Every sample by its full key; a metric a cluster reports per ``replica`` label is
+    also summed under its bare name (what the leak checks read)."""
+    with urllib.request.urlopen(metrics_url, timeout=30) as response:
         text = response.read().decode()
     values: dict[str, float] = {}
+    per_replica: dict[str, float] = {}
     for line in text.splitlines():
         if line.startswith("switchboard_") and " " in line:
             key, value = line.rsplit(" ", 1)
             values[key] = float(value)
+            if '{replica="' in key:
+                name = key.split("{", 1)[0]
+                per_replica[name] = per_replica.get(name, 0.0) + float(value)
+    for name, total in per_replica.items():
+        values.setdefault(name, total)
     return values
+
+
+def replica_ids(metrics_url: str) -> set[str]:
+    """The replicas a cluster's ingress reports (by its per-replica gauges)."""
+    return {key.split('"')[1] for key in gauges(metrics_url)
+            if key.startswith('switchboard_replica_anon_rss_mb{replica="')}
+
+
+def kill_a_replica(metrics_url: str, tally: Tally) -> dict[str, Any]:
+    """Kill one replica actor of the cluster (through Ray, as a crash would), allow the
+    calls it held to end UNAVAILABLE, and time Ray Serve's replacement."""
+    import ray
+
+    before = replica_ids(metrics_url)
+    if not ray.is_initialized():
+        ray.init(address="auto", log_to_driver=False)
+    names = sorted(a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
+                   if "SwitchboardReplica" in a["name"])
+    victim_name = names[0]
+    victim = victim_name.rsplit("#", 1)[-1]
+    tally.unavailable_until = time.monotonic() + KILL_WINDOW_S
+    killed_at = time.monotonic()
+    ray.kill(ray.get_actor(victim_name, namespace="serve"), no_restart=True)
+    replaced_after: float | None = None
+    while time.monotonic() - killed_at < REPLACE_LIMIT_S + 30:
+        now = replica_ids(metrics_url)
+        if len(now - {victim}) >= len(before):
+            replaced_after = round(time.monotonic() - killed_at, 1)
+            break
+        time.sleep(0.5)
+    return {"replica": victim, "replaced_after_s": replaced_after}
 
 
 def build_library(workdir: Path) -> tuple[Path, Path, str]:
@@ -483,7 +549,8 @@ async def idle_run(stub: pb_grpc.SwitchboardStub, calls: int, seed: int) -> list
 
 async def drive(address: str, metrics_url: str, http_url: str, pid: int, root: Path,
                 variants: Path, fingerprint: str, duration: float, burst_every: float,
-                seed: int, progress: Callable[[str], None]) -> dict[str, Any]:
+                seed: int, progress: Callable[[str], None], cluster: bool = False
+                ) -> dict[str, Any]:
     async with grpc.aio.insecure_channel(address) as channel:
         stub = pb_grpc.SwitchboardStub(channel)
         progress("warm-up: every adapter once")
@@ -499,20 +566,38 @@ async def drive(address: str, metrics_url: str, http_url: str, pid: int, root: P
                     http=HttpCalls(http_url))
         progress("warm-up burst (its memory belongs in the RSS baseline)")
         warm_up_burst = await soak.burst()
-        rss: list[tuple[float, float]] = []
+        rss: list[tuple[float, dict[str, float]]] = []
+        kill: dict[str, Any] = {}
+
+        def rss_now() -> dict[str, float]:
+            """Anonymous RSS by process: the server, or each replica of a cluster."""
+            if not cluster:
+                return {"server": anon_rss_mb(pid)}
+            prefix = 'switchboard_replica_anon_rss_mb{replica="'
+            return {key[len(prefix):-2]: mb for key, mb in gauges(metrics_url).items()
+                    if key.startswith(prefix)}
 
         async def sample_rss() -> None:
             while not soak.stop.is_set():
-                rss.append((time.monotonic(), anon_rss_mb(pid)))
+                rss.append((time.monotonic(), await asyncio.to_thread(rss_now)))
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(soak.stop.wait(), 2.0)
+
+        async def kill_halfway() -> None:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(soak.stop.wait(), duration / 2)
+            if not soak.stop.is_set():
+                progress("killing one replica")
+                kill.update(await asyncio.to_thread(kill_a_replica, metrics_url, soak.tally))
+                progress(f"replica {kill['replica']} replaced after "
+                         f"{kill['replaced_after_s']} s")
 
         progress(f"soak: {duration:.0f} s of mixed traffic")
         started = time.monotonic()
         tasks = [asyncio.create_task(t) for t in (
             *(soak.mixed_worker(i) for i in range(6)), soak.cancel_worker(),
             soak.deadline_worker(), soak.churn_call_worker(), soak.admin_worker(),
-            soak.burst_worker(), sample_rss())]
+            soak.burst_worker(), sample_rss(), *([kill_halfway()] if cluster else []))]
         while time.monotonic() - started < duration:
             await asyncio.sleep(1.0)
             failed = [t for t in tasks if t.done() and t.exception() is not None]
@@ -528,9 +613,11 @@ async def drive(address: str, metrics_url: str, http_url: str, pid: int, root: P
         left: dict[str, float] = {}
         limit = time.monotonic() + 30
         while time.monotonic() < limit:
-            values = gauges(metrics_url)
+            values = await asyncio.to_thread(gauges, metrics_url)
             left = {name: values.get(name, -1.0) for name in LEAK_GAUGES}
-            left["kv_rows_in_use"] = MAX_BATCH - values.get("switchboard_kv_rows_free", -1.0)
+            replicas = CLUSTER_REPLICAS if cluster else 1
+            left["kv_rows_in_use"] = MAX_BATCH * replicas - values.get(
+                "switchboard_kv_rows_free", -1.0)
             if not any(left.values()):
                 break
             await asyncio.sleep(0.2)
@@ -545,8 +632,12 @@ async def drive(address: str, metrics_url: str, http_url: str, pid: int, root: P
         await soak.http.close()
 
     window = min(60.0, duration / 3)
-    first = [mb for t, mb in rss if t - started <= window] or [float("nan")]
-    last = [mb for t, mb in rss if t >= stopped - window] or [float("nan")]
+    first_by, last_by = rss_windows(rss, started, stopped, window)
+    # Growth of the processes that lived through both windows (a cluster's replacement
+    # replica starts small; it must not hide the survivor's growth).
+    lived = sorted(set(first_by) & set(last_by))
+    first = [statistics.median(first_by[p]) for p in lived] or [float("nan")]
+    last = [statistics.median(last_by[p]) for p in lived] or [float("nan")]
     tally = soak.tally
     by_class: dict[str, dict[str, int]] = {}
     for (kind, status), count in sorted(tally.calls.items()):
@@ -572,12 +663,29 @@ async def drive(address: str, metrics_url: str, http_url: str, pid: int, root: P
         "warm_up_burst": warm_up_burst,
         "driver_problems": soak.driver_problems,
         "anon_rss_mb": {"window_s": window,
-                        "first_median": round(statistics.median(first), 1),
-                        "last_median": round(statistics.median(last), 1),
-                        "growth": round(statistics.median(last) - statistics.median(first), 1),
-                        "samples": len(rss)},
+                        "first_median": round(sum(first), 1),
+                        "last_median": round(sum(last), 1),
+                        "growth": round(max(b - a for a, b in zip(first, last, strict=True)),
+                                        1),
+                        "processes": lived, "samples": len(rss)},
+        "replica_kill": kill or None,
+        "calls_lost_to_kill": tally.lost_to_kill,
         "latency_ms": {"idle": _percentiles(idle), "under_load": _percentiles(under_load)},
     }
+
+
+def rss_windows(rss: list[tuple[float, dict[str, float]]], started: float, stopped: float,
+                window: float) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
+    """Each process's RSS samples in the first and in the last ``window`` seconds."""
+    first: dict[str, list[float]] = {}
+    last: dict[str, list[float]] = {}
+    for at, by_process in rss:
+        for process, mb in by_process.items():
+            if at - started <= window:
+                first.setdefault(process, []).append(mb)
+            if at >= stopped - window:
+                last.setdefault(process, []).append(mb)
+    return first, last
 
 
 def _percentiles(seconds: list[float]) -> dict[str, float]:
@@ -611,11 +719,16 @@ def problems(report: dict[str, Any]) -> list[str]:
         found.append(f"left after the traffic: {leaked}")
     if report["valid_call_after_traffic"] != OK:
         found.append(f"a valid call after the traffic got {report['valid_call_after_traffic']}")
+    kill = report.get("replica_kill")
+    if report.get("cluster") and (kill is None or kill["replaced_after_s"] is None
+                                  or kill["replaced_after_s"] > REPLACE_LIMIT_S):
+        found.append(f"the killed replica was not replaced within {REPLACE_LIMIT_S:g} s: {kill}")
     return found
 
 
 def run(duration: float, burst_every: float = 45.0, seed: int = 0,
-        out: Path | None = None, quiet: bool = False) -> dict[str, Any]:
+        out: Path | None = None, quiet: bool = False, cluster: bool = False
+        ) -> dict[str, Any]:
     def progress(message: str) -> None:
         if not quiet:
             print(message, flush=True)
@@ -627,23 +740,26 @@ def run(duration: float, burst_every: float = 45.0, seed: int = 0,
         (workdir / "routing.yaml").write_text(ROUTING)
         config = workdir / "config.yaml"
         config.write_text(CONFIG.format(root=root, routing=workdir / "routing.yaml",
-                                        batch=MAX_BATCH, queue=MAX_QUEUE, loras=MAX_LORAS))
-        process, address, metrics_url, http_url = spawn_server(["--config", str(config)],
-                                                               workdir / "server.log")
+                                        batch=MAX_BATCH, queue=MAX_QUEUE, loras=MAX_LORAS)
+                          + (CLUSTER_CONFIG if cluster else ""))
+        process, address, metrics_url, http_url = spawn_server(
+            ["--cluster"] * cluster + ["--config", str(config)], workdir / "server.log",
+            timeout=600)
         try:
             report = asyncio.run(drive(address, metrics_url, http_url, process.pid, root,
                                        variants, fingerprint, duration, burst_every, seed,
-                                       progress))
+                                       progress, cluster))
             report["server_alive_after"] = process.poll() is None
         finally:
             process.terminate()
             try:
-                exit_code: int | None = process.wait(60)
+                exit_code: int | None = process.wait(180 if cluster else 60)
             except subprocess.TimeoutExpired:
                 process.kill()
                 exit_code = None
         report["server_exit_code"] = exit_code
-        report.update(command=f"make soak DURATION={duration:g}", commit=commit(),
+        report.update(command=f"make soak DURATION={duration:g}"
+                      + (" ARGS=--cluster" if cluster else ""), commit=commit(), cluster=cluster,
                       device=device_description(torch.device(
                           "cuda" if torch.cuda.is_available() else "cpu")),
                       settings={"max_batch_size": MAX_BATCH, "max_queue_size": MAX_QUEUE,
@@ -652,7 +768,8 @@ def run(duration: float, burst_every: float = 45.0, seed: int = 0,
         report["problems"] = problems(report)
         if out is not None:
             out.parent.mkdir(parents=True, exist_ok=True)
-            out.write_text(json.dumps({"area": "soak", **report}, indent=2) + "\n")
+            out.write_text(json.dumps({"area": "soak_cluster" if cluster else "soak",
+                                       **report}, indent=2) + "\n")
         if not quiet:
             print_report(report, out)
         return report
@@ -682,6 +799,9 @@ def report_rows(report: dict[str, Any]) -> list[tuple[str, str]]:
                                         f"{latency['idle']['p95']:.0f} ms"),
         ("valid calls p50 / p95, under load", f"{latency['under_load']['p50']:.0f} / "
                                               f"{latency['under_load']['p95']:.0f} ms"),
+        *([("replica killed halfway", f"{report['replica_kill']}; calls it ended "
+                                        f"UNAVAILABLE: {report['calls_lost_to_kill']}")]
+          if report.get("cluster") else []),
         ("server exit after SIGTERM", str(report["server_exit_code"])),
         ("result", "PASS" if not report["problems"] else "; ".join(report["problems"])),
     ]
@@ -694,16 +814,19 @@ def print_report(report: dict[str, Any], out: Path | None) -> None:
 
 
 def update_doc(report: dict[str, Any], doc: Path = DOC) -> None:
-    """Put the run's table between the markers in docs/reliability.md."""
+    """Put the run's table between the markers in docs/reliability.md (the cluster
+    soak's markers for a ``--cluster`` run)."""
+    begin, end = (CLUSTER_DOC_BEGIN, CLUSTER_DOC_END) if report.get("cluster") else \
+        (DOC_BEGIN, DOC_END)
     lines = [f"Latest run: `{report['command']}` at commit {report['commit']}, "
              f"{report['duration_s']} s of traffic (then {report['wind_down_s']} s for the "
              f"calls in flight to end), {report['calls']} calls, {report['device']}.", "",
              "| | |", "| --- | --- |"]
     lines += [f"| {key} | {value} |" for key, value in report_rows(report)]
     text = doc.read_text(encoding="utf-8")
-    head, rest = text.split(DOC_BEGIN, 1)
-    doc.write_text(head + DOC_BEGIN + "\n" + "\n".join(lines) + "\n" + DOC_END
-                   + rest.split(DOC_END, 1)[1], encoding="utf-8")
+    head, rest = text.split(begin, 1)
+    doc.write_text(head + begin + "\n" + "\n".join(lines) + "\n" + end
+                   + rest.split(end, 1)[1], encoding="utf-8")
 
 
 def main() -> None:
@@ -711,11 +834,15 @@ def main() -> None:
     parser.add_argument("--duration", type=float, default=600.0, help="seconds of traffic")
     parser.add_argument("--burst-every", type=float, default=45.0)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", type=Path, default=RESULTS / "soak.json")
+    parser.add_argument("--out", type=Path, help="results file (default bench/results/"
+                        "soak.json, soak_cluster.json with --cluster)")
+    parser.add_argument("--cluster", action="store_true",
+                        help="soak `switchboard serve --cluster` (2 replicas, one killed)")
     parser.add_argument("--no-doc", action="store_true",
                         help="do not write the table into docs/reliability.md")
     args = parser.parse_args()
-    report = run(args.duration, args.burst_every, args.seed, args.out)
+    out = args.out or RESULTS / ("soak_cluster.json" if args.cluster else "soak.json")
+    report = run(args.duration, args.burst_every, args.seed, out, cluster=args.cluster)
     if not args.no_doc:
         update_doc(report)
     raise SystemExit(1 if report["problems"] else 0)

@@ -12,9 +12,10 @@ from typing import Any
 import openai
 from openai import AsyncOpenAI
 
-from server.service.http_api import HTTP_ERRORS
+from server.service.http_api import ERROR_CODES, HTTP_ERRORS
 
 STATUS_BY_HTTP = {code: status.value for status, (code, _type) in HTTP_ERRORS.items()}
+STATUS_BY_ERROR_CODE = {code: status.value for status, code in ERROR_CODES.items()}
 OK = "OK"
 
 
@@ -45,9 +46,8 @@ def _status(exc: openai.APIError) -> str:
     if isinstance(exc, openai.APIStatusError):
         return STATUS_BY_HTTP.get(exc.status_code, f"HTTP_{exc.status_code}")
     body = exc.body if isinstance(exc.body, dict) else {}
-    if body.get("code") == "deadline_exceeded":  # an error event after the stream began
-        return "DEADLINE_EXCEEDED"
-    return type(exc).__name__
+    status = STATUS_BY_ERROR_CODE.get(str(body.get("code")))  # an error event mid-stream
+    return status or type(exc).__name__
 
 
 class HttpCalls:

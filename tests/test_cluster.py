@@ -6,6 +6,7 @@ from __future__ import annotations
 import grpc
 import pytest
 
+from protos.switchboard.v1 import switchboard_pb2 as pb
 from tests.service_fixtures import UTTERANCE, assert_matches
 from tests.test_service import INVALID, ROUTES, request, rpc_error, stream_all
 
@@ -59,3 +60,60 @@ def test_replica_errors_keep_their_status_and_message(cluster, live_server):
         assert got.code() == want.code() != grpc.StatusCode.OK
         assert got.details() == want.details()
         assert "\n" not in got.details()
+
+
+def test_admin_rpcs_reach_every_replica(cluster):
+    stub = cluster.stub()
+    unloaded = stub.UnloadAdapter(pb.UnloadAdapterRequest(name="cantonese"), timeout=60)
+    assert unloaded.tier == pb.TIER_DISK
+    assert [i.tier for i in cluster.adapters._ask("info", "cantonese")] == ["disk", "disk"]
+    loaded = stub.LoadAdapter(pb.LoadAdapterRequest(name="cantonese"), timeout=60)
+    assert loaded.tier in (pb.TIER_HOST, pb.TIER_DEVICE) and loaded.version
+    infos = cluster.adapters._ask("info", "cantonese")
+    assert len(infos) == 2 and {i.version for i in infos} == {loaded.version}
+    reloaded = stub.ReloadAdapter(pb.ReloadAdapterRequest(name="cantonese"), timeout=60)
+    assert reloaded.version == loaded.version
+    listed = {a.name: a for a in stub.ListAdapters(pb.ListAdaptersRequest(), timeout=60).adapters}
+    assert {"wuyu", "cantonese", "plain", "broken"} <= set(listed)
+    assert "not valid JSON" in listed["broken"].error
+    error = rpc_error(stub.LoadAdapter, pb.LoadAdapterRequest(name="klingon"), timeout=60)
+    assert error.code() == grpc.StatusCode.NOT_FOUND and "klingon" in error.details()
+    assert stub.Generate(request(dialect="cantonese"), timeout=60).adapter.name == "cantonese"
+
+
+def test_the_serving_replica_holds_the_adapter_and_metrics_name_replicas(cluster):
+    import urllib.request
+
+    served = {cluster.stub().Generate(request(dialect="wuyu"), timeout=60).replica
+              for _ in range(3)}
+    stats = {s["replica"]: s for s in cluster.stats()}
+    assert len(stats) == 2
+    for replica in served:
+        assert "wuyu" in stats[replica]["held"]  # Ray Serve's LRU holds it; the cache follows
+    page = urllib.request.urlopen(
+        f"http://127.0.0.1:{cluster.metrics_port}/metrics", timeout=30).read().decode()
+    for replica in stats:
+        assert f'switchboard_running_batch_size{{replica="{replica}"}}' in page
+        assert f'switchboard_adapter_slot_pins{{replica="{replica}"}} 0.0' in page
+    assert any(f'switchboard_replica_calls_total{{replica="{r}"}}' in page for r in served)
+
+
+def test_admin_log_keeps_each_adapters_last_state_only():
+    from server.cluster.admin import compact
+
+    log = [(1, "load", "a", None), (2, "unload", "b", None), (3, "list", "", None),
+           (4, "unload", "a", None), (5, "reload", "a", "v1")]
+    assert compact(log, 3) == [(1, "load", "a", None), (2, "unload", "b", None),
+                               (4, "unload", "a", None), (5, "reload", "a", "v1")]
+    assert compact(log, 5) == [(2, "unload", "b", None), (3, "list", "", None),
+                               (5, "reload", "a", "v1")]
+    assert compact(log, 9) == log
+
+
+def test_the_single_process_server_does_not_import_ray():
+    import subprocess
+    import sys
+
+    check = ("import sys, server.service.app, clients.cli; "
+             "assert 'ray' not in sys.modules, 'ray imported'")
+    subprocess.run([sys.executable, "-c", check], check=True, timeout=120)

@@ -23,3 +23,17 @@ def test_soak_90_seconds(tmp_path):
     # a share of these classes went over the HTTP API, under the same outcome table
     for kind in ("valid", "malformed", "cancel", "deadline"):
         assert report["calls_by_protocol"][kind].get("http", 0) > 0, report["calls_by_protocol"]
+
+
+@pytest.mark.slow
+def test_soak_through_a_cluster_with_a_replica_killed(tmp_path):
+    pytest.importorskip("ray.serve", reason="the cluster extra is not installed")
+    report = run(duration=60, burst_every=30, out=tmp_path / "soak_cluster.json", quiet=True,
+                 cluster=True)
+    assert report["problems"] == [], report["problems"]
+    assert report["disallowed_outcomes"] == 0
+    assert not any(report["left_after_traffic"].values()), report["left_after_traffic"]
+    assert report["server_exit_code"] == 0
+    assert set(report["calls_by_class"]) == {*ALLOWED, "malformed"}, report["calls_by_class"]
+    kill = report["replica_kill"]
+    assert kill is not None and kill["replaced_after_s"] <= 60, kill

@@ -102,11 +102,23 @@ class AdminBoard:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self.changed.wait(), min(left, 1.0))
             self.answers.pop(seq, None)
-            self.commands = [c for c in self.commands if c[0] != seq or c[1] in MUTATING]
+            self.commands = compact(self.commands, seq)
         return answers
 
     def replicas(self) -> list[str]:
         return self.live()
+
+
+def compact(commands: list[Command], answered: int) -> list[Command]:
+    """The log once ``answered`` is done: a read-only command leaves it, and a state
+    change replaces the earlier ones on the same adapter (a replica that replays the log
+    only needs each adapter's last state, and the log stays bounded)."""
+    done = next((c for c in commands if c[0] == answered), None)
+    if done is None:
+        return commands
+    if done[1] not in MUTATING:
+        return [c for c in commands if c[0] != answered]
+    return [c for c in commands if c[0] >= answered or c[2] != done[2]]
 
 
 def board(create: bool = False) -> Any:
@@ -160,7 +172,9 @@ class AdminFollower:
         counters = dataclasses.asdict(self.cache.stats)
         counters.pop("load_seconds", None)
         return {"replica": self.replica, "cache": {**counters, **self.cache.usage()},
-                "held": self.cache.held(), "engine": self.engine.stats()}
+                "held": self.cache.held(), "engine": self.engine.stats(),
+                "kv_rows": self.engine.config.max_batch_size,
+                "slots": self.cache.slots.num_slots, "anon_rss_mb": anon_rss_mb()}
 
     def apply(self, op: str, name: str, version: str | None) -> Any:
         try:
@@ -194,11 +208,13 @@ class ClusterAdapters:
         self.board = board_handle
         self.timeout = timeout
 
-    def _ask(self, op: str, name: str = "", version: str | None = None) -> list[Any]:
-        seq = ray.get(self.board.submit.remote(op, name, version))
-        answers = ray.get(self.board.results.remote(seq, self.timeout))
+    def _ask(self, op: str, name: str = "", version: str | None = None,
+             timeout: float | None = None) -> list[Any]:
+        timeout = self.timeout if timeout is None else timeout
+        seq = ray.get(self.board.submit.remote(op, name, version), timeout=timeout)
+        answers = ray.get(self.board.results.remote(seq, timeout), timeout=timeout + 10)
         if not answers:
-            raise ServiceUnavailable(f"no replica answered {op} within {self.timeout:g} s")
+            raise ServiceUnavailable(f"no replica answered {op} within {timeout:g} s")
         for result in answers.values():
             if isinstance(result, WireError):
                 raise result.error()
@@ -216,9 +232,10 @@ class ClusterAdapters:
     def info(self, name: str) -> AdapterInfo:
         return merge_infos(self._ask("info", name))
 
-    def replica_stats(self) -> list[dict[str, Any]]:
-        """Each live replica's cache and engine figures (benchmarks, leak checks)."""
-        return self._ask("stats")
+    def replica_stats(self, timeout: float | None = None) -> list[dict[str, Any]]:
+        """Each live replica's cache and engine figures (metrics, benchmarks, leak
+        checks)."""
+        return self._ask("stats", timeout=timeout)
 
     def list_adapters(self) -> list[AdapterInfo]:
         by_name: dict[str, list[AdapterInfo]] = {}
@@ -226,6 +243,18 @@ class ClusterAdapters:
             for info in infos:
                 by_name.setdefault(info.name, []).append(info)
         return [merge_infos(by_name[name]) for name in sorted(by_name)]
+
+
+def anon_rss_mb() -> float:
+    """This process's anonymous resident memory (the soak's leak measure)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith("RssAnon:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return float("nan")
 
 
 def merge_infos(infos: list[AdapterInfo]) -> AdapterInfo:

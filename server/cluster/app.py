@@ -86,8 +86,11 @@ def build_app(config: ServerConfig) -> Application:
         options["num_replicas"] = cluster.replicas
     resident = cluster.adapters_per_replica or engine.max_loras
     replica = serve.deployment(**options)(replica_class(resident))
+    ingress_options: dict[str, Any] = {"num_cpus": 0}
+    if cluster.ingress_resource:
+        ingress_options["resources"] = {cluster.ingress_resource: 0.01}
     ingress = serve.deployment(
-        name=INGRESS, num_replicas=1, ray_actor_options={"num_cpus": 0},
+        name=INGRESS, num_replicas=1, ray_actor_options=ingress_options,
         graceful_shutdown_timeout_s=config.grace_period_s + 5,
     )(SwitchboardIngress)
     return ingress.bind(config, replica.bind(config))

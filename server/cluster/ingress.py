@@ -12,10 +12,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import ray
 from prometheus_client import Counter
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
 
 from server.cluster import admin
 from server.cluster.remote import RemoteDispatcher
@@ -28,6 +31,55 @@ from server.service.stack import base_source
 log = logging.getLogger("switchboard.cluster")
 
 FIRST_REPLICA_TIMEOUT_S = 900.0
+SCRAPE_TIMEOUT_S = 5.0
+
+REPLICA_GAUGES = (
+    # (metric, help, where in a replica's stats)
+    ("switchboard_queue_depth", "Requests waiting for admission, per replica",
+     ("engine", "waiting")),
+    ("switchboard_running_batch_size", "Requests in the running batch, per replica",
+     ("engine", "running")),
+    ("switchboard_kv_rows_free", "KV-cache rows free, per replica", ("engine", "free_kv_rows")),
+    ("switchboard_adapter_slots_in_use", "Device slots holding an adapter, per replica",
+     ("cache", "slots_in_use")),
+    ("switchboard_adapters_in_host_memory", "Adapter versions in host memory, per replica",
+     ("cache", "host_entries")),
+    ("switchboard_adapter_version_pins", "Leases holding an adapter version, per replica",
+     ("cache", "version_pins")),
+    ("switchboard_adapter_slot_pins", "Admitted calls holding a device slot, per replica",
+     ("cache", "slot_pins")),
+    ("switchboard_adapter_loads_in_progress", "Adapter loads from disk under way, per replica",
+     ("cache", "loading")),
+    ("switchboard_adapter_device_misses", "Adapter loads into a device slot, per replica",
+     ("cache", "device_misses")),
+    ("switchboard_adapter_host_misses", "Adapter leases that loaded from disk, per replica",
+     ("cache", "host_misses")),
+    ("switchboard_replica_anon_rss_mb", "Anonymous resident memory of the replica process",
+     ("anon_rss_mb",)),
+)
+
+
+class ReplicaCollector(Collector):
+    """Every live replica's engine and cache gauges on the ingress's page, labelled
+    ``replica``, read from the replicas when Prometheus scrapes (nothing is cached)."""
+
+    def __init__(self, adapters: admin.ClusterAdapters) -> None:
+        self.adapters = adapters
+
+    def collect(self) -> Iterator[Metric]:
+        try:
+            stats = self.adapters.replica_stats(SCRAPE_TIMEOUT_S)
+        except Exception:  # no replica answered: the page still serves the call metrics
+            log.warning("replica gauges unavailable", exc_info=True)
+            return
+        for name, help_text, path in REPLICA_GAUGES:
+            family = GaugeMetricFamily(name, help_text, labels=["replica"])
+            for stat in stats:
+                value: Any = stat
+                for key in path:
+                    value = value[key]
+                family.add_metric([stat["replica"]], float(value))
+            yield family
 
 
 class IngressServer(SwitchboardServer):
@@ -52,9 +104,10 @@ class IngressServer(SwitchboardServer):
         dispatcher = RemoteDispatcher(self.replicas, routing, cfg.engine,
                                       on_dispatch=self._count,
                                       by_adapter=cfg.cluster.route_by_adapter)
-        return Backend(dispatcher, admin.ClusterAdapters(board, cfg.cluster.admin_timeout_s),
-                       base_model_id(base_source(cfg)), routing.check, lambda: None,
-                       routing=routing)
+        adapters = admin.ClusterAdapters(board, cfg.cluster.admin_timeout_s)
+        self.metrics.registry.register(ReplicaCollector(adapters))
+        return Backend(dispatcher, adapters, base_model_id(base_source(cfg)), routing.check,
+                       lambda: None, routing=routing)
 
     def _count(self, replica: str) -> None:
         self.replica_calls.labels(replica).inc()

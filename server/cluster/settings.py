@@ -51,6 +51,10 @@ class ClusterConfig:
     replica_metrics_port: int = 0
     """Each replica's own Prometheus page (engine and cache gauges); 0: a free port,
     logged at start (replicas on one node cannot share one); -1: off."""
+    ingress_resource: str = ""
+    """A Ray custom resource that places the ingress (and so the service's ports) on the
+    node(s) offering it, e.g. the head (``ray start --resources '{"switchboard_ingress":
+    1}'``); empty: any node (one machine)."""
     admin_timeout_s: float = 60.0
     """How long an admin rpc waits for every replica to apply it."""
     app_name: str = "switchboard"
