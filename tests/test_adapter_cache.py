@@ -396,3 +396,38 @@ def test_the_servers_poller_picks_up_a_publish(tiny_model_dir, library, tmp_path
         assert server.cache.info("live").previous_version == first
     finally:
         server.stop()
+
+
+def test_held_adapters_follow_a_residency_decided_elsewhere(tiny_model_dir, library, tmp_path):
+    """A cluster replica: Ray Serve's multiplexing LRU decides which adapters stay, the
+    cache follows (``hold``/``let_go``), and a slot in use is never taken."""
+    names = ["a00", "a01", "a02", "a03"]
+    served = serve(tiny_model_dir, _root_with(tmp_path, library, names), max_loras=2,
+                   max_cpu_adapters=2)
+    cache = served.cache
+
+    def use(name: str, keep: bool = False):
+        lease = cache.lease(name, timeout=30)
+        assert lease.try_acquire_slot() is not None
+        if not keep:
+            lease.release()
+        return lease
+
+    try:
+        cache.hold(["a00"])
+        for name in names:  # a00 is the least recently used, but held
+            use(name)
+        tiers = {name: cache.info(name).tier for name in names}
+        assert tiers["a00"] == "device", tiers  # neither its slot nor its host copy went
+        assert tiers["a01"] == "disk" and tiers["a03"] == "device"
+        assert cache.held() == ["a00"]
+
+        running = use("a03", keep=True)  # a call holds a03's slot
+        cache.let_go(["a00"])
+        assert cache.held() == [] and cache.info("a00").tier == "device"  # kept until needed
+        use("a02")  # a slot is needed: the let-go adapter's, not the one in use
+        assert cache.info("a00").tier != "device"
+        assert cache.info("a03").tier == "device"
+        running.release()
+    finally:
+        served.close()

@@ -117,3 +117,33 @@ def test_the_single_process_server_does_not_import_ray():
     check = ("import sys, server.service.app, clients.cli; "
              "assert 'ray' not in sys.modules, 'ray imported'")
     subprocess.run([sys.executable, "-c", check], check=True, timeout=120)
+
+
+def test_the_openai_api_answers_through_the_cluster(cluster, live_server):
+    import json
+    import urllib.request
+
+    body = json.dumps({"model": "wuyu", "prompt": UTTERANCE, "max_tokens": 8}).encode()
+
+    def complete(base_url: str) -> dict:
+        call = urllib.request.Request(f"{base_url}/completions", data=body,
+                                      headers={"content-type": "application/json"})
+        with urllib.request.urlopen(call, timeout=60) as response:
+            return json.loads(response.read())
+
+    got, want = complete(cluster.http_url), complete(live_server.server.http_url)
+    assert got["choices"][0]["text"] == want["choices"][0]["text"]
+    assert got["model"] == want["model"] == "wuyu"
+    assert got["switchboard"]["replica"] and "replica" not in want["switchboard"]
+
+
+def test_a_replica_must_keep_what_ray_serve_holds(tiny_model_dir, service_library):
+    from server.cluster.app import build_app
+    from server.errors import InvalidOption
+    from tests.cluster_fixtures import cluster_config, replace_cluster
+
+    root, routing, _ = service_library
+    config = replace_cluster(cluster_config(tiny_model_dir, root, routing, max_cpu_adapters=4),
+                             adapters_per_replica=6)
+    with pytest.raises(InvalidOption, match=r"adapters_per_replica \(6\) exceeds max_cpu_adapters"):
+        build_app(config)

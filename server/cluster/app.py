@@ -18,6 +18,7 @@ from server.cluster import admin
 from server.cluster.ingress import SwitchboardIngress
 from server.cluster.replica import ReplicaServer, Residency
 from server.cluster.wire import WireCall
+from server.errors import InvalidOption
 from server.service.config import DEFAULT_CONFIG_PATH, ServerConfig, load_config
 from server.service.routing import RouteDecision
 
@@ -85,6 +86,10 @@ def build_app(config: ServerConfig) -> Application:
     else:
         options["num_replicas"] = cluster.replicas
     resident = cluster.adapters_per_replica or engine.max_loras
+    if resident > config.max_cpu_adapters:
+        raise InvalidOption(
+            f"setting cluster.adapters_per_replica ({resident}) exceeds max_cpu_adapters "
+            f"({config.max_cpu_adapters}): a replica could not keep what Ray Serve holds")
     replica = serve.deployment(**options)(replica_class(resident))
     ingress_options: dict[str, Any] = {"num_cpus": 0}
     if cluster.ingress_resource:
