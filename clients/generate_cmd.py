@@ -43,8 +43,9 @@ def summary(result: GenerateResult) -> str:
         adapter = " + ".join(f"{a.name}@{a.weight_scale:g} {a.version[:8]}"
                              for a in result.adapters)
     route = result.route + (f" {result.route_detail}" if result.route_detail else "")
+    replica = f" · replica {result.replica}" if result.replica else ""
     line = (f"[{adapter} · {route} · {result.completion_tokens} tokens, {result.finish_reason}"
-            f" · {result.total_ms:.0f} ms]")
+            f" · {result.total_ms:.0f} ms{replica}]")
     if result.fallback_reason:
         line += f" fallback: {result.fallback_reason}"
     return line

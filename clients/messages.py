@@ -35,6 +35,8 @@ class GenerateResult:
     total_ms: float
     adapters: tuple[UsedAdapter, ...] = ()
     """Every adapter that answered, in order (one unless the call composed several)."""
+    replica: str = ""
+    """The cluster replica that answered; empty from a single server."""
 
 
 @dataclass(frozen=True)
@@ -94,6 +96,7 @@ def generate_result(response: pb.GenerateResponse) -> GenerateResult:
         total_ms=response.timings.total_ms,
         adapters=tuple(UsedAdapter(a.name, a.version, a.weight_scale)
                        for a in response.adapters),
+        replica=response.replica,
     )
 
 

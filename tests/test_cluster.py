@@ -119,6 +119,24 @@ def test_the_single_process_server_does_not_import_ray():
     subprocess.run([sys.executable, "-c", check], check=True, timeout=120)
 
 
+def test_the_python_client_and_the_cli_name_the_replica(cluster):
+    import subprocess
+    import sys
+
+    from clients.client import SwitchboardClient
+
+    with SwitchboardClient(cluster.address) as client:
+        reply = client.generate(UTTERANCE, dialect="wuyu", max_new_tokens=4)
+        streamed = [item for item in client.stream(UTTERANCE, region="CN-GD", max_new_tokens=4)]
+    assert reply.replica and reply.adapter == "wuyu"
+    assert streamed[-1].replica and streamed[-1].adapter == "cantonese"
+    shown = subprocess.run(
+        [sys.executable, "-m", "clients.cli", "generate", "--target", cluster.address,
+         "--dialect", "wuyu", "--max-new-tokens", "4", UTTERANCE],
+        capture_output=True, text=True, timeout=120, check=True)
+    assert "· replica " in shown.stderr  # the summary line; the text is on stdout
+
+
 def test_the_openai_api_answers_through_the_cluster(cluster, live_server):
     import json
     import urllib.request
