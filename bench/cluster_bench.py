@@ -30,13 +30,14 @@ from typing import Any
 
 import grpc
 
-from bench.common import print_table, target, write_results
+from bench.common import commit, print_table, target, write_results
 from protos.switchboard.v1 import switchboard_pb2 as pb
 from protos.switchboard.v1 import switchboard_pb2_grpc as pb_grpc
 from server.basemodel import load_base_model
 from server.cluster.settings import ClusterConfig, RayActorOptions
 from server.engine.config import EngineConfig
-from server.service.config import ServerConfig
+from server.formats.files import replace_marked_block
+from server.service.config import REPO_ROOT, ServerConfig
 from tests.support import make_random_adapter
 from tests.tiny_llama import build_tiny_llama
 
@@ -46,6 +47,8 @@ THREADS = 8
 NEW_TOKENS = 8
 ZIPF_S = 1.1
 SIZINGS = {"fits": 4, "tight": 2}
+DOC = REPO_ROOT / "docs" / "cluster.md"
+DOC_BEGIN, DOC_END = "<!-- cluster-bench:begin -->", "<!-- cluster-bench:end -->"
 UTTERANCES = ("侬今朝吃饭伐?", "我張單幾時到期呀?", "阿拉屋里向个电费单子寄错地址了。",
               "你哋幾點收工? 我想聽日過嚟攞貨。")
 
@@ -167,7 +170,27 @@ def main() -> None:
     rows.append(("slot loads, multiplexed / round robin", f"fits {fits:.2f} (<= 0.5), "
                  f"tight {tight:.2f}"))
     print_table("cluster: adapter-affine routing", rows)
-    print(f"wrote {path}")
+    write_doc_table(payload, commit())
+    print(f"wrote {path} and the table in {DOC}")
+
+
+def write_doc_table(payload: dict[str, Any], commit_id: str) -> None:
+    """The runs as a table between the markers in docs/cluster.md."""
+    sizings = {"fits": f"{SIZINGS['fits']} slots/replica (together they hold all "
+                       f"{ADAPTERS})",
+               "tight": f"{SIZINGS['tight']} slots/replica (they cannot)"}
+    lines = [DOC_BEGIN, "| sizing | routing | slot loads | host loads | slot hit rate | "
+             "tokens/s | p50 ms | p95 ms |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for label, run in payload["runs"].items():
+        sizing, routing = label.split("/")
+        lines.append(f"| {sizings[sizing]} | {routing.replace('_', ' ')} | {run['cold_loads']} "
+                     f"| {run['host_loads']} | {run['slot_hit_rate']} | {run['tokens_per_s']} "
+                     f"| {run['p50_ms']} | {run['p95_ms']} |")
+    ratio = payload["cold_loads_multiplexed_vs_round_robin"]
+    lines += ["", f"Slot loads, multiplexed / round robin: **{ratio['fits']['value']}** when "
+              f"the replicas together hold every adapter (target <= 0.5), {ratio['tight']} "
+              f"when they cannot (commit {commit_id}).", DOC_END]
+    replace_marked_block(DOC, DOC_BEGIN, DOC_END, "\n".join(lines))
 
 
 if __name__ == "__main__":

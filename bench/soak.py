@@ -63,6 +63,7 @@ from bench.soak_http import HttpCalls, http_malformed_requests, http_model
 from clients.loadtest import DEFAULT_UTTERANCES
 from protos.switchboard.v1 import switchboard_pb2 as pb
 from protos.switchboard.v1 import switchboard_pb2_grpc as pb_grpc
+from server.formats.files import replace_marked_block
 from server.service.config import REPO_ROOT
 from tests.support import (
     ALL_TARGETS,
@@ -823,10 +824,7 @@ def update_doc(report: dict[str, Any], doc: Path = DOC) -> None:
              f"calls in flight to end), {report['calls']} calls, {report['device']}.", "",
              "| | |", "| --- | --- |"]
     lines += [f"| {key} | {value} |" for key, value in report_rows(report)]
-    text = doc.read_text(encoding="utf-8")
-    head, rest = text.split(begin, 1)
-    doc.write_text(head + begin + "\n" + "\n".join(lines) + "\n" + end
-                   + rest.split(end, 1)[1], encoding="utf-8")
+    replace_marked_block(doc, begin, end, begin + "\n" + "\n".join(lines) + "\n" + end)
 
 
 def main() -> None:

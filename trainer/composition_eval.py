@@ -33,9 +33,10 @@ from pathlib import Path
 from typing import Any
 
 from server.engine.request import RequestHandle
+from server.formats.files import replace_marked_block
 from server.formats.manifest import MANIFEST_FILE, read_manifest
 from server.formats.prompt import build_prompt
-from trainer.dialect_eval import ROOT, open_generator, replace_block
+from trainer.dialect_eval import ROOT, open_generator
 from trainer.rows import Row, read_rows
 from trainer.scoring import EngineGenerator, scores
 
@@ -180,7 +181,7 @@ def table(results: list[dict[str, Any]]) -> str:
 
 
 def update_readme(results: list[dict[str, Any]]) -> None:
-    replace_block(ROOT / "README.md", TABLE_BEGIN, TABLE_END,
+    replace_marked_block(ROOT / "README.md", TABLE_BEGIN, TABLE_END,
                   f"{TABLE_BEGIN}\n\n{table(results)}\n\n{TABLE_END}",
                   "Composition: a dialect plus a terminology pack")
 

@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from server.basemodel import load_base_model
+from server.formats.files import replace_marked_block
 from server.formats.manifest import MANIFEST_FILE, read_manifest, write_manifest
 from server.formats.prompt import build_prompt, render_prompt
 from server.service.config import REPO_ROOT
@@ -238,19 +239,7 @@ def update_readme(results: list[dict[str, Any]]) -> None:
              f"manifest serves by default.\n\n{curve_table(results)}\n\n{plots}\n\n"
              f"Samples (default scale; outputs cut at the first newline):\n"
              f"{samples_markdown(results)}\n\n{TABLE_END}")
-    replace_block(readme, TABLE_BEGIN, TABLE_END, block, "Evaluation on the test sets")
-
-
-def replace_block(readme: Path, begin: str, end: str, block: str, heading: str) -> None:
-    """Put ``block`` (which starts with ``begin`` and ends with ``end``) where those
-    markers are in ``readme``, or append it under ``heading``."""
-    text = readme.read_text(encoding="utf-8")
-    if begin in text and end in text:
-        head, rest = text.split(begin, 1)
-        text = head + block + rest.split(end, 1)[1]
-    else:
-        text = text.rstrip() + f"\n\n## {heading}\n\n" + block + "\n"
-    readme.write_text(text, encoding="utf-8")
+    replace_marked_block(readme, TABLE_BEGIN, TABLE_END, block, "Evaluation on the test sets")
 
 
 def shipped() -> list[str]:

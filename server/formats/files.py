@@ -47,3 +47,17 @@ def atomic_write_bytes(target: str | os.PathLike[str], data: bytes) -> Path:
         Path(tmp).unlink(missing_ok=True)
         raise
     return target
+
+
+def replace_marked_block(doc: Path, begin: str, end: str, block: str,
+                         heading: str = "") -> None:
+    """Put ``block`` (which starts with ``begin`` and ends with ``end``) where those
+    markers are in ``doc`` (generated tables in the docs), or append it under
+    ``heading``."""
+    text = doc.read_text(encoding="utf-8")
+    if begin in text and end in text:
+        head, rest = text.split(begin, 1)
+        text = head + block + rest.split(end, 1)[1]
+    else:
+        text = text.rstrip() + (f"\n\n## {heading}\n\n" if heading else "\n\n") + block + "\n"
+    doc.write_text(text, encoding="utf-8")
