@@ -4,6 +4,7 @@ and replica deployments, the tiny model, 2 replicas of 1 CPU and 1 torch thread 
 from __future__ import annotations
 
 import dataclasses
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -47,10 +48,23 @@ class LiveCluster:
         """The ingress's admin view over every replica (:class:`ClusterAdapters`)."""
         from server.cluster import admin
 
-        return admin.ClusterAdapters(admin.board(), self.config.cluster.admin_timeout_s)
+        return admin.ClusterAdapters(admin.board(self.config.cluster.app_name),
+                                     self.config.cluster.admin_timeout_s)
 
-    def stats(self) -> list[dict[str, Any]]:
-        return sorted(self.adapters.replica_stats(), key=lambda s: s["replica"])
+    def stats(self, timeout: float = 60.0) -> list[dict[str, Any]]:
+        """Every live replica's figures; while a lost replica still counts as live (its
+        last sign of life is under ``admin.LIVE_S`` old) the board answers UNAVAILABLE,
+        so this polls until every live replica answers."""
+        from server.errors import ServiceUnavailable
+
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                return sorted(self.adapters.replica_stats(), key=lambda s: s["replica"])
+            except ServiceUnavailable:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.2)
 
     def stop(self) -> None:
         import ray

@@ -102,12 +102,17 @@ def test_admin_log_keeps_each_adapters_last_state_only():
     from server.cluster.admin import compact
 
     log = [(1, "load", "a", None), (2, "unload", "b", None), (3, "list", "", None),
-           (4, "unload", "a", None), (5, "reload", "a", "v1")]
-    assert compact(log, 3) == [(1, "load", "a", None), (2, "unload", "b", None),
-                               (4, "unload", "a", None), (5, "reload", "a", "v1")]
-    assert compact(log, 5) == [(2, "unload", "b", None), (3, "list", "", None),
-                               (5, "reload", "a", "v1")]
-    assert compact(log, 9) == log
+           (4, "unload", "a", None), (5, "reload", "a", "v1"), (6, "info", "a", None)]
+    assert compact(log, 3, set()) == [(1, "load", "a", None), (2, "unload", "b", None),
+                                      (4, "unload", "a", None), (5, "reload", "a", "v1"),
+                                      (6, "info", "a", None)]
+    assert compact(log, 5, set()) == [(2, "unload", "b", None), (3, "list", "", None),
+                                      (5, "reload", "a", "v1"), (6, "info", "a", None)]
+    # an earlier change someone still waits for stays until its own answers are in
+    assert compact(log, 5, {4}) == [(2, "unload", "b", None), (3, "list", "", None),
+                                    (4, "unload", "a", None), (5, "reload", "a", "v1"),
+                                    (6, "info", "a", None)]
+    assert compact(log, 9, set()) == log
 
 
 def test_the_single_process_server_does_not_import_ray():

@@ -82,6 +82,31 @@ def test_publish_reaches_every_replica_and_running_calls_keep_their_version(
     assert finals[0].completion_tokens == LONG
 
 
+def test_a_deadline_ends_the_call_and_frees_the_replica(cluster):
+    import json
+    import urllib.error
+    import urllib.request
+
+    body = json.dumps({"model": "wuyu", "prompt": UTTERANCE, "max_tokens": LONG,
+                       "timeout_s": 0.5}).encode()
+    call = urllib.request.Request(f"{cluster.http_url}/completions", data=body,
+                                  headers={"content-type": "application/json"})
+    with pytest.raises(urllib.error.HTTPError) as caught:
+        urllib.request.urlopen(call, timeout=60)
+    assert caught.value.code == 504
+    error = rpc_error_code(cluster, pb.GenerateRequest(prompt="late", max_new_tokens=LONG),
+                           timeout=0.5)
+    assert error == grpc.StatusCode.DEADLINE_EXCEEDED
+    wait_for(lambda: all(s["engine"]["running"] == s["cache"]["version_pins"] == 0
+                         for s in cluster.stats()), timeout=30)
+
+
+def rpc_error_code(cluster, request: pb.GenerateRequest, timeout: float) -> grpc.StatusCode:
+    with pytest.raises(grpc.RpcError) as caught:
+        list(cluster.stub().GenerateStream(request, timeout=timeout))
+    return caught.value.code()
+
+
 def test_a_killed_replica_ends_only_its_calls_and_is_replaced(cluster):
     import ray
 

@@ -18,9 +18,11 @@ import dataclasses
 import logging
 import threading
 import time
+import uuid
 from typing import Any
 
 import ray
+from ray.exceptions import GetTimeoutError, RayError
 
 from server.adapters.cache import AdapterInfo
 from server.cluster.wire import WireError
@@ -28,12 +30,13 @@ from server.errors import ServiceUnavailable, SwitchboardError
 
 log = logging.getLogger("switchboard.cluster")
 
-BOARD_NAME = "switchboard-admin"
+BOARD_PREFIX = "switchboard-admin-"
 NAMESPACE = "serve"
 """Ray Serve's namespace, where the deployments' actors (and so the board) live."""
 POLL_S = 2.0
 LIVE_S = 3 * POLL_S + 4.0
-"""A replica that has not polled for this long is taken for gone (it is not waited for)."""
+"""A replica not heard from (poll or heartbeat) for this long is taken for gone."""
+FORGET_S = 60 * LIVE_S
 MUTATING = ("load", "unload", "reload")
 TIER_RANK = {"disk": 0, "host": 1, "device": 2}
 
@@ -43,23 +46,39 @@ Command = tuple[int, str, str, str | None]
 
 @ray.remote(num_cpus=0)
 class AdminBoard:
-    """The admin log and the replicas' answers (an async actor: waits do not block)."""
+    """The admin log and the replicas' answers (an async actor: waits do not block).
+
+    Restarted by Ray if its process dies, with an empty log and a new ``epoch``: the
+    followers then start over from its first command."""
 
     def __init__(self) -> None:
+        self.epoch = uuid.uuid4().hex
         self.commands: list[Command] = []
         self.seq = 0
         self.answers: dict[int, dict[str, Any]] = {}
+        """Answers by command, while someone waits for them."""
         self.seen: dict[str, float] = {}
+        self.gone: set[str] = set()
         self.changed = asyncio.Condition()
 
-    async def poll(self, replica: str, after: int, timeout: float) -> list[Command]:
-        """The commands after ``after`` (waiting up to ``timeout`` for one)."""
-        self.seen[replica] = time.monotonic()
+    def _heard(self, replica: str) -> None:
+        if replica not in self.gone:
+            self.seen[replica] = time.monotonic()
+
+    async def heartbeat(self, replica: str) -> None:
+        """A replica busy applying a long command is still alive."""
+        self._heard(replica)
+
+    async def poll(self, replica: str, after: int, timeout: float
+                   ) -> tuple[str, list[Command]]:
+        """This board's epoch and the commands after ``after`` (waiting up to
+        ``timeout`` for one)."""
+        self._heard(replica)
         async with self.changed:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.changed.wait_for(lambda: self.seq > after), timeout)
-        self.seen[replica] = time.monotonic()
-        return [c for c in self.commands if c[0] > after]
+        self._heard(replica)
+        return self.epoch, [c for c in self.commands if c[0] > after]
 
     async def submit(self, op: str, name: str, version: str | None) -> int:
         async with self.changed:
@@ -71,7 +90,7 @@ class AdminBoard:
 
     async def answer(self, replica: str, seq: int, result: Any) -> None:
         async with self.changed:
-            self.seen[replica] = time.monotonic()
+            self._heard(replica)
             if seq in self.answers:
                 self.answers[seq][replica] = result
             self.changed.notify_all()
@@ -79,15 +98,18 @@ class AdminBoard:
     async def leave(self, replica: str) -> None:
         async with self.changed:
             self.seen.pop(replica, None)
+            self.gone.add(replica)
             self.changed.notify_all()
 
     def live(self) -> list[str]:
         now = time.monotonic()
+        for replica in [r for r, at in self.seen.items() if now - at > FORGET_S]:
+            del self.seen[replica]
         return sorted(r for r, at in self.seen.items() if now - at <= LIVE_S)
 
-    async def results(self, seq: int, timeout: float) -> dict[str, Any]:
-        """Every live replica's answer to ``seq`` (or those in by ``timeout``); the
-        command then leaves the log unless it changes state."""
+    async def results(self, seq: int, timeout: float) -> tuple[dict[str, Any], list[str]]:
+        """The answers to ``seq`` and the live replicas that did not answer within
+        ``timeout``; the command then leaves the log unless it changes state."""
         deadline = time.monotonic() + timeout
         answers = self.answers.get(seq, {})
         async with self.changed:
@@ -102,32 +124,37 @@ class AdminBoard:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self.changed.wait(), min(left, 1.0))
             self.answers.pop(seq, None)
-            self.commands = compact(self.commands, seq)
-        return answers
+            self.commands = compact(self.commands, seq, set(self.answers))
+        return answers, [r for r in self.live() if r not in answers]
 
     def replicas(self) -> list[str]:
         return self.live()
 
 
-def compact(commands: list[Command], answered: int) -> list[Command]:
+def compact(commands: list[Command], answered: int, waited_on: set[int]) -> list[Command]:
     """The log once ``answered`` is done: a read-only command leaves it, and a state
-    change replaces the earlier ones on the same adapter (a replica that replays the log
-    only needs each adapter's last state, and the log stays bounded)."""
+    change replaces the earlier ones on the same adapter that nobody still waits on (a
+    replica that replays the log only needs each adapter's last state, and the log stays
+    bounded)."""
     done = next((c for c in commands if c[0] == answered), None)
     if done is None:
         return commands
     if done[1] not in MUTATING:
         return [c for c in commands if c[0] != answered]
-    return [c for c in commands if c[0] >= answered or c[2] != done[2]]
+    return [c for c in commands
+            if c[0] >= answered or c[2] != done[2] or c[0] in waited_on
+            or c[1] not in MUTATING]
 
 
-def board(create: bool = False) -> Any:
-    """The cluster's board (created by the first caller with ``create``)."""
+def board(app_name: str, create: bool = False) -> Any:
+    """The board of the application ``app_name`` (created by the first caller with
+    ``create``); each application on a cluster has its own."""
+    name = BOARD_PREFIX + app_name
     if create:
         return AdminBoard.options(  # type: ignore[attr-defined]
-            name=BOARD_NAME, namespace=NAMESPACE, get_if_exists=True,
-            lifetime="detached").remote()
-    return ray.get_actor(BOARD_NAME, namespace=NAMESPACE)
+            name=name, namespace=NAMESPACE, get_if_exists=True, lifetime="detached",
+            max_restarts=-1).remote()
+    return ray.get_actor(name, namespace=NAMESPACE)
 
 
 class AdminFollower:
@@ -139,30 +166,45 @@ class AdminFollower:
         self.cache = cache
         self.engine = engine
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="switchboard-admin",
-                                        daemon=True)
+        self._threads = [
+            threading.Thread(target=self._run, name="switchboard-admin", daemon=True),
+            threading.Thread(target=self._beat, name="switchboard-admin-beat", daemon=True)]
 
     def start(self) -> None:
-        self._thread.start()
+        for thread in self._threads:
+            thread.start()
 
     def stop(self) -> None:
+        """Leave the board and stop (a command being applied finishes first)."""
         self._stop.set()
-        try:
+        with contextlib.suppress(Exception):  # the board is gone already (cluster shutdown)
             ray.get(self.board.leave.remote(self.replica), timeout=5)
-        except Exception:  # the board is gone already (cluster shutdown)
-            log.debug("board gone at replica stop", exc_info=True)
+        for thread in self._threads:
+            thread.join(POLL_S + 15)
+
+    def _beat(self) -> None:
+        while not self._stop.wait(POLL_S):
+            with contextlib.suppress(Exception):  # the poll loop reports an unreachable board
+                self.board.heartbeat.remote(self.replica)
 
     def _run(self) -> None:
-        after = 0
+        after, epoch = 0, ""
         while not self._stop.is_set():
             try:
-                commands = ray.get(self.board.poll.remote(self.replica, after, POLL_S),
-                                   timeout=POLL_S + 10)
+                board_epoch, commands = ray.get(
+                    self.board.poll.remote(self.replica, after, POLL_S), timeout=POLL_S + 10)
             except Exception:
                 log.warning("admin board unreachable; retrying", exc_info=True)
                 self._stop.wait(1.0)
                 continue
+            if board_epoch != epoch:  # a new (or restarted) board: its log starts over
+                if epoch and after:
+                    after = 0
+                    continue
+                epoch = board_epoch
             for seq, op, name, version in commands:
+                if self._stop.is_set():
+                    return
                 result = self.apply(op, name, version)
                 self.board.answer.remote(self.replica, seq, result)
                 after = seq
@@ -210,9 +252,19 @@ class ClusterAdapters:
 
     def _ask(self, op: str, name: str = "", version: str | None = None,
              timeout: float | None = None) -> list[Any]:
+        """Every live replica's answer; UNAVAILABLE when the board cannot be reached or a
+        live replica did not answer in time, a replica's domain error as itself."""
         timeout = self.timeout if timeout is None else timeout
-        seq = ray.get(self.board.submit.remote(op, name, version), timeout=timeout)
-        answers = ray.get(self.board.results.remote(seq, timeout), timeout=timeout + 10)
+        try:
+            seq = ray.get(self.board.submit.remote(op, name, version), timeout=timeout)
+            answers, missing = ray.get(self.board.results.remote(seq, timeout),
+                                       timeout=timeout + 10)
+        except (RayError, GetTimeoutError) as exc:
+            raise ServiceUnavailable(f"the cluster's admin board did not answer {op}: "
+                                     f"{type(exc).__name__}") from None
+        if missing:
+            raise ServiceUnavailable(f"replica(s) {', '.join(missing)} did not answer {op} "
+                                     f"within {timeout:g} s")
         if not answers:
             raise ServiceUnavailable(f"no replica answered {op} within {timeout:g} s")
         for result in answers.values():

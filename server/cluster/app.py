@@ -7,7 +7,9 @@ with ``args: {config: path}``).
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -32,12 +34,11 @@ def replica_class(resident_sets: int) -> type:
 
     class SwitchboardReplica:
         async def __init__(self, config: ServerConfig) -> None:  # type: ignore[misc]
-            import asyncio
-
             replica = serve.get_replica_context().replica_id.unique_id
             self.server: ReplicaServer | None = None
             self.server = await asyncio.to_thread(ReplicaServer, config, replica,
-                                                  admin.board(create=True))
+                                                  admin.board(config.cluster.app_name,
+                                                              create=True))
 
         @serve.multiplexed(max_num_models_per_replica=resident_sets)
         async def hold(self, key: str) -> Residency:
@@ -46,14 +47,17 @@ def replica_class(resident_sets: int) -> type:
 
         async def generate(self, wire: WireCall, decision: RouteDecision
                            ) -> AsyncIterator[Any]:
+            arrived = time.monotonic()
             assert self.server is not None
             key = serve.get_multiplexed_model_id()
-            if key:
-                # A set that cannot load is not held; the run step then reports why (or
-                # falls back, as the routing table says).
+            # Only a set that can load takes a place in Serve's LRU (its load evicts a
+            # held set first); the run step reports what is wrong with another (or falls
+            # back, as the routing table says). Shielded: a call cancelled meanwhile must
+            # not leave Serve a load that never ends.
+            if key and self.server.holdable(key):
                 with contextlib.suppress(Exception):
-                    await self.hold(key)
-            async for item in self.server.generate(wire, decision):
+                    await asyncio.shield(self.hold(key))
+            async for item in self.server.generate(wire, decision, arrived):
                 yield item
 
         def check_health(self) -> None:
@@ -73,8 +77,10 @@ def build_app(config: ServerConfig) -> Application:
     options: dict[str, Any] = {
         "name": REPLICA,
         "ray_actor_options": cluster.ray_actor_options.as_dict(),
-        # The engine queues and batches; Serve only needs to pass that many through.
+        # The engine queues and batches; Serve only needs to pass that many through, and
+        # holds at most a queue's worth more before refusing (RESOURCE_EXHAUSTED).
         "max_ongoing_requests": engine.max_batch_size + engine.max_queue_size,
+        "max_queued_requests": engine.max_queue_size,
         "graceful_shutdown_timeout_s": config.grace_period_s + 5,
         "health_check_period_s": 5,
         "health_check_timeout_s": 30,

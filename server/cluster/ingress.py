@@ -17,7 +17,7 @@ from typing import Any
 
 import ray
 from prometheus_client import Counter
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from server.cluster import admin
@@ -59,6 +59,10 @@ REPLICA_GAUGES = (
 )
 
 
+REPLICA_COUNTERS = {"switchboard_adapter_device_misses", "switchboard_adapter_host_misses"}
+"""Counters, as on a single server's page (exported with ``_total``)."""
+
+
 class ReplicaCollector(Collector):
     """Every live replica's engine and cache gauges on the ingress's page, labelled
     ``replica``, read from the replicas when Prometheus scrapes (nothing is cached)."""
@@ -73,7 +77,10 @@ class ReplicaCollector(Collector):
             log.warning("replica gauges unavailable", exc_info=True)
             return
         for name, help_text, path in REPLICA_GAUGES:
-            family = GaugeMetricFamily(name, help_text, labels=["replica"])
+            family: GaugeMetricFamily | CounterMetricFamily = (
+                CounterMetricFamily(name, help_text, labels=["replica"])
+                if name in REPLICA_COUNTERS else
+                GaugeMetricFamily(name, help_text, labels=["replica"]))
             for stat in stats:
                 value: Any = stat
                 for key in path:
@@ -95,7 +102,7 @@ class IngressServer(SwitchboardServer):
         can be served."""
         cfg = self.config
         routing = RoutingTableFile(cfg.resolve(cfg.routing_table))
-        board = admin.board(create=True)
+        board = admin.board(cfg.cluster.app_name, create=True)
         deadline = time.monotonic() + FIRST_REPLICA_TIMEOUT_S
         while not ray.get(board.replicas.remote()):
             if self.state.draining or time.monotonic() > deadline:
@@ -126,9 +133,10 @@ class SwitchboardIngress:
         """Wait until SERVING; the addresses the front-ends listen on."""
         ready = asyncio.ensure_future(self.server.ready.wait())
         await asyncio.wait({ready, self._start}, return_when=asyncio.FIRST_COMPLETED)
-        if self._start.done() and self._start.exception() is not None:
+        error = self._start_error()
+        if error is not None:
             ready.cancel()
-            raise self._start.exception()  # type: ignore[misc]
+            raise error
         await ready
         return {"address": self.server.address, "http_url": self.server.http_url,
                 "metrics_port": self.server.metrics_port}
@@ -138,8 +146,16 @@ class SwitchboardIngress:
         await self.server.shutdown(grace)
 
     async def check_health(self) -> None:
-        if self._start.done() and self._start.exception() is not None:
-            raise RuntimeError(f"the ingress failed to start: {self._start.exception()}")
+        error = self._start_error()
+        if error is not None:
+            raise RuntimeError(f"the ingress failed to start: {error}")
+
+    def _start_error(self) -> BaseException | None:
+        if not self._start.done():
+            return None
+        if self._start.cancelled():
+            return RuntimeError("the ingress's start was cancelled")
+        return self._start.exception()
 
     async def __del__(self) -> None:
         await self.server.shutdown()

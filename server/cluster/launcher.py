@@ -15,6 +15,7 @@ import os
 import signal
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 from server.service.config import ServerConfig
@@ -24,8 +25,11 @@ log = logging.getLogger("switchboard.cluster")
 START_TIMEOUT_S = 900.0
 
 
-def start(config: ServerConfig) -> tuple[Any, dict[str, Any]]:
-    """Join (or start) Ray, run the application; its ingress handle and addresses."""
+def start(config: ServerConfig, on_signal: Callable[[], None] | None = None
+          ) -> tuple[Any, dict[str, Any]]:
+    """Join (or start) Ray, run the application; its ingress handle and addresses.
+    ``on_signal`` becomes the SIGTERM/SIGINT handler once Ray is up (``ray.init``
+    installs one that exits the process at once)."""
     import ray
     from ray import serve
 
@@ -39,6 +43,9 @@ def start(config: ServerConfig) -> tuple[Any, dict[str, Any]]:
         ray.init(address=cluster.address or None, include_dashboard=False,
                  runtime_env=runtime_env if cluster.address else None,
                  log_to_driver=False)
+    if on_signal is not None:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda *_: on_signal())
     serve.start(proxy_location="Disabled")
     handle = serve.run(build_app(config), name=cluster.app_name, route_prefix=None,
                        blocking=False)
@@ -46,21 +53,26 @@ def start(config: ServerConfig) -> tuple[Any, dict[str, Any]]:
     return handle, addresses
 
 
-def stop(config: ServerConfig, handle: Any) -> None:
-    """Drain the ingress, then the replicas; remove the application and the board."""
+def stop(config: ServerConfig, handle: Any | None) -> None:
+    """Drain the ingress, then the replicas; remove the application and its board.
+    Serve itself is shut down only on the Ray instance this command started (a joined
+    cluster may run other applications)."""
     import ray
     from ray import serve
 
     from server.cluster import admin
 
-    try:
-        handle.drain.remote().result(timeout_s=config.grace_period_s + 30)
-    except Exception:
-        log.exception("ingress drain failed")
-    serve.delete(config.cluster.app_name)  # replicas finish their calls, then stop
+    if handle is not None:
+        try:
+            handle.drain.remote().result(timeout_s=config.grace_period_s + 30)
+        except Exception:
+            log.exception("ingress drain failed")
+    with contextlib.suppress(Exception):  # never deployed (a failed start)
+        serve.delete(config.cluster.app_name)  # replicas finish their calls, then stop
     with contextlib.suppress(ValueError):  # ValueError: never created
-        ray.kill(admin.board())
-    serve.shutdown()
+        ray.kill(admin.board(config.cluster.app_name))
+    if not config.cluster.address:
+        serve.shutdown()
     ray.shutdown()
 
 
@@ -68,10 +80,12 @@ def run(config: ServerConfig, announce: bool = True) -> int:
     """Run until SIGTERM/SIGINT; 0 after a clean drain."""
     stop_requested = threading.Event()
     started = time.perf_counter()
-    handle, addresses = start(config)
-    # After ray.init, which installs a SIGTERM handler that exits the process at once.
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: stop_requested.set())
+    try:
+        handle, addresses = start(config, on_signal=stop_requested.set)
+    except BaseException:
+        with contextlib.suppress(Exception):  # the start's own error is the one to report
+            stop(config, None)  # leave nothing deployed on the cluster
+        raise
     cluster = config.cluster
     replicas = (f"{cluster.min_replicas}-{cluster.max_replicas} replicas (autoscaling)"
                 if cluster.autoscaling else f"{cluster.replicas} replicas")

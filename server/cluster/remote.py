@@ -10,6 +10,7 @@ code and metric works unchanged.
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import time
 from collections.abc import AsyncIterator, Callable
@@ -23,34 +24,61 @@ from ray.serve.exceptions import (
 )
 
 from server.cluster.wire import WireCall, WireError, multiplex_key
-from server.engine.request import Event
-from server.errors import InternalError, ServiceUnavailable
+from server.engine.request import Event, GenerationResult, TokenChunk
+from server.errors import DeadlineExceeded, InternalError, QueueFull, ServiceUnavailable
 from server.service.dispatch import Call, Dispatched, route_call
 from server.service.routing import RouteDecision
 
 REPLICA_LOST = (RayActorError, ActorUnavailableError, ReplicaUnavailableError,
-                DeploymentUnavailableError, BackPressureError)
-"""A replica died, is unreachable, or none can take the call: UNAVAILABLE, retryable."""
+                DeploymentUnavailableError)
+"""A replica died or is unreachable: UNAVAILABLE, which clients may retry."""
+
+
+async def next_item(responses: Any, call: Call) -> Any:
+    """The replica's next item, within the call's deadline (enforced here, in the
+    ingress's clock: the replica's copy of it is shifted by the time the call waited in
+    Ray Serve's queue). Raises StopAsyncIteration at the end."""
+    if call.deadline is None:
+        return await responses.__anext__()
+    try:
+        return await asyncio.wait_for(responses.__anext__(), call.deadline - time.monotonic())
+    except TimeoutError:
+        responses.cancel()
+        raise DeadlineExceeded(f"deadline passed (request id {call.request_id})") from None
 
 
 class RemoteHandle:
-    """A call running on a replica: its remaining events, and a cancel."""
+    """A call running on a replica: its remaining events, and a cancel. The result's
+    first-token and finish instants are when they reached the ingress (its clock)."""
 
-    def __init__(self, responses: Any, replica: str, request_id: str) -> None:
+    def __init__(self, responses: Any, replica: str, call: Call) -> None:
         self._responses = responses
         self.replica = replica
-        self.request_id = request_id
+        self.call = call
 
     async def stream(self) -> AsyncIterator[Event]:
+        first_token_at: float | None = None
         try:
-            async for item in self._responses:
+            while True:
+                try:
+                    item = await next_item(self._responses, self.call)
+                except StopAsyncIteration:
+                    return
                 if isinstance(item, WireError):
                     raise item.error()
+                if isinstance(item, TokenChunk) and first_token_at is None:
+                    first_token_at = time.monotonic()
+                if isinstance(item, GenerationResult):
+                    now = time.monotonic()
+                    if first_token_at is None and item.first_token_at is not None:
+                        first_token_at = now  # its text came with the end
+                    item = dataclasses.replace(item, finished_at=now,
+                                               first_token_at=first_token_at)
                 yield item
         except REPLICA_LOST as exc:
             raise ServiceUnavailable(
-                f"replica {self.replica} was lost mid-call (request id {self.request_id}): "
-                f"{type(exc).__name__}") from None
+                f"replica {self.replica} was lost mid-call (request id "
+                f"{self.call.request_id}): {type(exc).__name__}") from None
 
     def cancel(self) -> None:
         """Cancel the replica's generator: it cancels its engine row."""
@@ -81,13 +109,15 @@ class RemoteDispatcher:
         handle = self.replicas.options(stream=True, multiplexed_model_id=key)
         responses = handle.generate.remote(WireCall(call, time.monotonic()), decision)
         try:
-            first = await responses.__anext__()
+            first = await next_item(responses, call)
         except StopAsyncIteration:
             raise InternalError(f"a replica ended call {call.request_id} without a reply") \
                 from None
         except REPLICA_LOST as exc:
             raise ServiceUnavailable(f"no replica could take the call: {type(exc).__name__}") \
                 from None
+        except BackPressureError:
+            raise QueueFull("every replica's queue is full; retry later") from None
         except BaseException:
             responses.cancel()  # cancelled while the replica leased: end it there too
             raise
@@ -97,5 +127,6 @@ class RemoteDispatcher:
         if self.on_dispatch is not None:
             self.on_dispatch(first.replica)
         return dataclasses.replace(
-            first, handle=RemoteHandle(responses, first.replica, call.request_id),
-            received_at=call.received_at)
+            first, handle=RemoteHandle(responses, first.replica, call),
+            received_at=call.received_at,
+            adapter_wait_s=time.monotonic() - call.received_at)

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from server.cluster.admin import AdminFollower
-from server.cluster.wire import WireCall, WireError, key_names, shifted, started
+from server.cluster.wire import WireCall, WireError, key_names, started
 from server.engine.request import GenerationResult
 from server.errors import SwitchboardError
 from server.service.config import ServerConfig
@@ -79,13 +79,30 @@ class ReplicaServer:
             "decode_path": self.stack.engine.decode_note}})
 
     def _poll(self) -> None:
-        """Adapter folders every ``poll_interval_s``: a publish to the shared root reaches
-        every replica this way (the ingress polls the routing table)."""
+        """Adapter folders and the routing table every ``poll_interval_s``: a publish to
+        the shared root reaches every replica this way. The ingress routes by its own
+        copy of the table; this one decides fallbacks, the base model's template and
+        composition labels, so both follow the same file."""
         while not self._stop.wait(self.config.poll_interval_s):
             try:
                 self.watcher.poll_now()
+                self.stack.routing.check()
             except Exception:
                 log.exception("poll failed")
+
+    def holdable(self, key: str) -> bool:
+        """Whether every adapter of ``key`` is on disk and not refused: only then is it
+        worth a place in Ray Serve's LRU (whose load evicts a held set first)."""
+        cache = self.stack.cache
+        for name in key_names(key):
+            try:
+                cache.store.locate(name)
+            except SwitchboardError:
+                return False
+            info = cache.info(name)
+            if info.version is None and info.error:
+                return False
+        return True
 
     async def hold(self, key: str) -> Residency:
         """Ray Serve's multiplexed loader: load the id's adapters into host memory (a
@@ -96,12 +113,12 @@ class ReplicaServer:
             lease.release()
         return Residency(self.stack.cache, names)
 
-    async def generate(self, wire: WireCall, decision: RouteDecision
+    async def generate(self, wire: WireCall, decision: RouteDecision, arrived: float
                        ) -> AsyncIterator[Any]:
         """The dispatch facts, then the call's events, as plain data; a domain error is
         sent as a :class:`WireError`. A cancel (the ingress's client went away) cancels
-        the engine row."""
-        shift = wire.clock_shift()
+        the engine row. ``arrived``: this replica's clock when the call reached it."""
+        shift = wire.sent_at - arrived
         try:
             dispatched = await self.stack.dispatcher.run(wire.local_call(shift), decision)
         except SwitchboardError as exc:
@@ -112,9 +129,7 @@ class ReplicaServer:
         try:
             yield started(dispatched, self.replica)
             async for event in handle.stream():
-                if isinstance(event, GenerationResult):
-                    finished = True
-                    event = shifted(event, shift)
+                finished = isinstance(event, GenerationResult)  # re-timed by the ingress
                 yield event
         except SwitchboardError as exc:
             yield WireError.of(exc)
@@ -132,6 +147,7 @@ class ReplicaServer:
         within its grace) and the cache's loaders."""
         self._stop.set()
         self.follower.stop()
+        self._poller.join(self.config.poll_interval_s + 30)
         self.stack.engine.stop(True, self.config.grace_period_s)
         self.stack.cache.close()
         self.metrics.close()

@@ -1,19 +1,20 @@
 """What crosses from the ingress to a replica and back, in plain picklable types.
 
 Times: ``time.monotonic()`` is per machine, so a call carries the ingress's clock reading
-at sending and the replica moves every instant it receives or returns by the difference
-(the transit time, a millisecond on one node, is the only error).
+at sending, and the replica moves the call's instants (receipt, deadline) by the
+difference from its own clock at arrival. That difference also holds the time the call
+waited in Ray Serve's queue, so the replica's deadline is later than the caller's by that
+wait: the ingress enforces the caller's deadline itself, and times first token and finish
+when they reach it (``remote.py``); the replica's deadline only frees the engine row.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import time
 from dataclasses import dataclass
 from typing import Any
 
 from server import errors
-from server.engine.request import GenerationResult
 from server.errors import InvalidRequest, SwitchboardError
 from server.service.dispatch import Call, Dispatched
 
@@ -25,10 +26,6 @@ class WireCall:
     clock."""
     sent_at: float
     """The ingress's ``time.monotonic()`` when it sent the call."""
-
-    def clock_shift(self) -> float:
-        """Add to a replica instant to get the ingress's (measured once per call)."""
-        return self.sent_at - time.monotonic()
 
     def local_call(self, shift: float) -> Call:
         """The call with its instants in the replica's clock."""
@@ -66,16 +63,10 @@ def started(dispatched: Dispatched, replica: str) -> Dispatched:
     return dataclasses.replace(dispatched, handle=None, replica=replica)  # type: ignore[arg-type]
 
 
-def shifted(result: GenerationResult, shift: float) -> GenerationResult:
-    """A replica's result with its instants in the ingress's clock."""
-    return dataclasses.replace(
-        result, finished_at=result.finished_at + shift,
-        first_token_at=None if result.first_token_at is None else result.first_token_at + shift)
-
-
 def multiplex_key(names: list[str] | tuple[str, ...]) -> str:
-    """Ray Serve's ``multiplexed_model_id`` for a set of adapters ('' for the base)."""
-    return "+".join(names)
+    """Ray Serve's ``multiplexed_model_id`` for a set of adapters ('' for the base): the
+    set, in any order, is one id."""
+    return "+".join(sorted(names))
 
 
 def key_names(key: str) -> list[str]:
