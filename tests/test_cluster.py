@@ -8,7 +8,14 @@ import pytest
 
 from protos.switchboard.v1 import switchboard_pb2 as pb
 from tests.service_fixtures import UTTERANCE, assert_matches
-from tests.test_service import INVALID, ROUTES, request, rpc_error, stream_all
+from tests.test_service import (
+    INVALID,
+    ROUTES,
+    assert_invalid_argument,
+    request,
+    rpc_error,
+    stream_all,
+)
 
 pytest.importorskip("ray.serve", reason="the cluster extra is not installed")
 
@@ -46,11 +53,7 @@ def test_every_route_answers_as_the_single_server(cluster, live_server, expected
 
 @pytest.mark.parametrize(("req", "message"), INVALID, ids=[m for _, m in INVALID])
 def test_malformed_calls_get_the_same_status(cluster, req, message):
-    stub = cluster.stub()
-    for call in (stub.Generate, stub.GenerateStream):
-        error = rpc_error(call, req, timeout=30)
-        assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
-        assert message in error.details()
+    assert_invalid_argument(cluster.stub(), req, message)
 
 
 def test_replica_errors_keep_their_status_and_message(cluster, live_server):

@@ -166,14 +166,18 @@ INVALID = [
 ]
 
 
-@pytest.mark.parametrize(("req", "message"), INVALID, ids=[m for _, m in INVALID])
-def test_invalid_arguments_name_the_field(live_server, req, message):
-    stub = live_server.stub()
+def assert_invalid_argument(stub, req: pb.GenerateRequest, message: str) -> None:
+    """Unary and streaming, ``req`` is INVALID_ARGUMENT with one short line naming it."""
     for call in (stub.Generate, stub.GenerateStream):
         error = rpc_error(call, req, timeout=30)
         assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
         assert message in error.details()
         assert "\n" not in error.details() and len(error.details()) < 300
+
+
+@pytest.mark.parametrize(("req", "message"), INVALID, ids=[m for _, m in INVALID])
+def test_invalid_arguments_name_the_field(live_server, req, message):
+    assert_invalid_argument(live_server.stub(), req, message)
 
 
 def test_unknown_dialect_is_not_found_and_lists_the_adapters(live_server):
