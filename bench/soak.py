@@ -65,6 +65,7 @@ from protos.switchboard.v1 import switchboard_pb2 as pb
 from protos.switchboard.v1 import switchboard_pb2_grpc as pb_grpc
 from server.formats.files import replace_marked_block
 from server.service.config import REPO_ROOT
+from server.service.metrics import anon_rss_mb
 from tests.support import (
     ALL_TARGETS,
     add_manifest,
@@ -454,13 +455,6 @@ class Soak:
 
 
 # -- the server and its gauges -------------------------------------------------------------
-def anon_rss_mb(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("RssAnon:"):
-            return int(line.split()[1]) / 1024
-    raise RuntimeError("no RssAnon in /proc status")
-
-
 def gauges(metrics_url: str) -> dict[str, float]:
     """Every sample by its full key; a metric a cluster reports per ``replica`` label is
     also summed under its bare name (what the leak checks read)."""

@@ -27,6 +27,7 @@ from ray.exceptions import GetTimeoutError, RayError
 from server.adapters.cache import AdapterInfo
 from server.cluster.wire import WireError
 from server.errors import ServiceUnavailable, SwitchboardError
+from server.service.metrics import anon_rss_mb, live_figures
 
 log = logging.getLogger("switchboard.cluster")
 
@@ -211,12 +212,8 @@ class AdminFollower:
 
     def stats(self) -> dict[str, Any]:
         """This replica's cache counters and gauges and its engine's gauges."""
-        counters = dataclasses.asdict(self.cache.stats)
-        counters.pop("load_seconds", None)
-        return {"replica": self.replica, "cache": {**counters, **self.cache.usage()},
-                "held": self.cache.held(), "engine": self.engine.stats(),
-                "kv_rows": self.engine.config.max_batch_size,
-                "slots": self.cache.slots.num_slots, "anon_rss_mb": anon_rss_mb()}
+        return {"replica": self.replica, **live_figures(self.engine, self.cache),
+                "held": self.cache.held(), "anon_rss_mb": anon_rss_mb()}
 
     def apply(self, op: str, name: str, version: str | None) -> Any:
         try:
@@ -295,18 +292,6 @@ class ClusterAdapters:
             for info in infos:
                 by_name.setdefault(info.name, []).append(info)
         return [merge_infos(by_name[name]) for name in sorted(by_name)]
-
-
-def anon_rss_mb() -> float:
-    """This process's anonymous resident memory (the soak's leak measure)."""
-    try:
-        with open("/proc/self/status", encoding="ascii") as status:
-            for line in status:
-                if line.startswith("RssAnon:"):
-                    return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return float("nan")
 
 
 def merge_infos(infos: list[AdapterInfo]) -> AdapterInfo:

@@ -17,7 +17,7 @@ from typing import Any
 
 import ray
 from prometheus_client import Counter
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from server.cluster import admin
@@ -25,6 +25,7 @@ from server.cluster.remote import RemoteDispatcher
 from server.errors import ServiceUnavailable
 from server.service.app import Backend, SwitchboardServer, base_model_id
 from server.service.config import ServerConfig
+from server.service.metrics import live_metrics
 from server.service.routing import RoutingTableFile
 from server.service.stack import base_source
 
@@ -33,39 +34,10 @@ log = logging.getLogger("switchboard.cluster")
 FIRST_REPLICA_TIMEOUT_S = 900.0
 SCRAPE_TIMEOUT_S = 5.0
 
-REPLICA_GAUGES = (
-    # (metric, help, where in a replica's stats)
-    ("switchboard_queue_depth", "Requests waiting for admission, per replica",
-     ("engine", "waiting")),
-    ("switchboard_running_batch_size", "Requests in the running batch, per replica",
-     ("engine", "running")),
-    ("switchboard_kv_rows_free", "KV-cache rows free, per replica", ("engine", "free_kv_rows")),
-    ("switchboard_adapter_slots_in_use", "Device slots holding an adapter, per replica",
-     ("cache", "slots_in_use")),
-    ("switchboard_adapters_in_host_memory", "Adapter versions in host memory, per replica",
-     ("cache", "host_entries")),
-    ("switchboard_adapter_version_pins", "Leases holding an adapter version, per replica",
-     ("cache", "version_pins")),
-    ("switchboard_adapter_slot_pins", "Admitted calls holding a device slot, per replica",
-     ("cache", "slot_pins")),
-    ("switchboard_adapter_loads_in_progress", "Adapter loads from disk under way, per replica",
-     ("cache", "loading")),
-    ("switchboard_adapter_device_misses", "Adapter loads into a device slot, per replica",
-     ("cache", "device_misses")),
-    ("switchboard_adapter_host_misses", "Adapter leases that loaded from disk, per replica",
-     ("cache", "host_misses")),
-    ("switchboard_replica_anon_rss_mb", "Anonymous resident memory of the replica process",
-     ("anon_rss_mb",)),
-)
-
-
-REPLICA_COUNTERS = {"switchboard_adapter_device_misses", "switchboard_adapter_host_misses"}
-"""Counters, as on a single server's page (exported with ``_total``)."""
-
-
 class ReplicaCollector(Collector):
-    """Every live replica's engine and cache gauges on the ingress's page, labelled
-    ``replica``, read from the replicas when Prometheus scrapes (nothing is cached)."""
+    """Every live replica's engine and cache figures on the ingress's page, under the
+    single server's names labelled ``replica``, plus each replica's memory; read from
+    the replicas when Prometheus scrapes (nothing is cached)."""
 
     def __init__(self, adapters: admin.ClusterAdapters) -> None:
         self.adapters = adapters
@@ -76,17 +48,13 @@ class ReplicaCollector(Collector):
         except Exception:  # no replica answered: the page still serves the call metrics
             log.warning("replica gauges unavailable", exc_info=True)
             return
-        for name, help_text, path in REPLICA_GAUGES:
-            family: GaugeMetricFamily | CounterMetricFamily = (
-                CounterMetricFamily(name, help_text, labels=["replica"])
-                if name in REPLICA_COUNTERS else
-                GaugeMetricFamily(name, help_text, labels=["replica"]))
-            for stat in stats:
-                value: Any = stat
-                for key in path:
-                    value = value[key]
-                family.add_metric([stat["replica"]], float(value))
-            yield family
+        yield from live_metrics([([stat["replica"]], stat) for stat in stats], ["replica"])
+        memory = GaugeMetricFamily("switchboard_replica_anon_rss_mb",
+                                   "Anonymous resident memory of the replica process",
+                                   labels=["replica"])
+        for stat in stats:
+            memory.add_metric([stat["replica"]], stat["anon_rss_mb"])
+        yield memory
 
 
 class IngressServer(SwitchboardServer):

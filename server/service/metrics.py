@@ -10,6 +10,7 @@ and the adapter cache at scrape time (one source of truth, no double bookkeeping
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
@@ -27,6 +28,80 @@ _LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 12
 _TOKEN_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5)
 
 
+LIVE_METRICS: tuple[tuple[str, str, bool, tuple[str, ...]], ...] = (
+    # (name, help, is a counter, where in :func:`live_figures`)
+    ("switchboard_queue_depth", "Requests waiting for admission to the batch", False,
+     ("engine", "waiting")),
+    ("switchboard_running_batch_size", "Requests in the running batch", False,
+     ("engine", "running")),
+    ("switchboard_kv_rows_free", "KV-cache rows free", False, ("engine", "free_kv_rows")),
+    ("switchboard_adapter_host_hits", "Adapter leases served from host memory", True,
+     ("cache", "host_hits")),
+    ("switchboard_adapter_host_misses", "Adapter leases that had to load from disk", True,
+     ("cache", "host_misses")),
+    ("switchboard_adapter_device_hits", "Admissions whose adapter was already in a device slot",
+     True, ("cache", "device_hits")),
+    ("switchboard_adapter_device_misses", "Admissions that copied their adapter into a slot",
+     True, ("cache", "device_misses")),
+    ("switchboard_adapter_host_evictions", "Adapters evicted from host memory", True,
+     ("cache", "host_evictions")),
+    ("switchboard_adapter_device_evictions", "Adapters evicted from a device slot", True,
+     ("cache", "device_evictions")),
+    ("switchboard_adapter_load_failures", "Adapter loads refused by validation or failed", True,
+     ("cache", "load_failures")),
+    ("switchboard_adapter_slots_in_use", "Device slots holding an adapter", False,
+     ("cache", "slots_in_use")),
+    ("switchboard_adapter_slots", "Device slots in all", False, ("slots",)),
+    ("switchboard_adapters_in_host_memory", "Adapter versions held in host memory", False,
+     ("cache", "host_entries")),
+    # Leak checks (the soak test) read these three: all 0 when no call is in flight.
+    ("switchboard_adapter_version_pins", "Leases holding an adapter version (calls in flight)",
+     False, ("cache", "version_pins")),
+    ("switchboard_adapter_slot_pins", "Admitted calls holding a device slot", False,
+     ("cache", "slot_pins")),
+    ("switchboard_adapter_loads_in_progress", "Adapter loads from disk under way", False,
+     ("cache", "loading")),
+)
+"""The engine's and the adapter cache's live figures, one definition for a server's page
+and (labelled by replica) a cluster ingress's."""
+
+
+def live_figures(engine: Any, cache: Any) -> dict[str, Any]:
+    """What :data:`LIVE_METRICS` reads, as plain data (it also crosses to a cluster's
+    ingress)."""
+    counters = dataclasses.asdict(cache.stats)
+    counters.pop("load_seconds", None)
+    return {"engine": engine.stats(), "cache": {**counters, **cache.usage()},
+            "slots": cache.slots.num_slots}
+
+
+def live_metrics(figures: list[tuple[list[str], dict[str, Any]]],
+                 label_names: list[str]) -> Iterator[Metric]:
+    """:data:`LIVE_METRICS` for each (label values, :func:`live_figures`) pair."""
+    for name, help_text, counter, path in LIVE_METRICS:
+        family: CounterMetricFamily | GaugeMetricFamily = (
+            CounterMetricFamily(name, help_text, labels=label_names) if counter
+            else GaugeMetricFamily(name, help_text, labels=label_names))
+        for labels, figure in figures:
+            value: Any = figure
+            for key in path:
+                value = value[key]
+            family.add_metric(labels, float(value))
+        yield family
+
+
+def anon_rss_mb(pid: int | str = "self") -> float:
+    """A process's anonymous resident memory (the soak's leak measure); NaN if unknown."""
+    try:
+        with open(f"/proc/{pid}/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith("RssAnon:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return float("nan")
+
+
 class _LiveCollector(Collector):
     """Engine gauges and adapter-cache counters, read when Prometheus scrapes."""
 
@@ -35,43 +110,7 @@ class _LiveCollector(Collector):
         self.cache = cache
 
     def collect(self) -> Iterator[Metric]:
-        stats = self.engine.stats()
-        yield GaugeMetricFamily("switchboard_queue_depth",
-                                "Requests waiting for admission to the batch",
-                                value=stats["waiting"])
-        yield GaugeMetricFamily("switchboard_running_batch_size",
-                                "Requests in the running batch", value=stats["running"])
-        yield GaugeMetricFamily("switchboard_kv_rows_free", "KV-cache rows free",
-                                value=stats["free_kv_rows"])
-        cache_stats = self.cache.stats
-        for name, help_text in (
-            ("host_hits", "Adapter leases served from host memory"),
-            ("host_misses", "Adapter leases that had to load from disk"),
-            ("device_hits", "Admissions whose adapter was already in a device slot"),
-            ("device_misses", "Admissions that copied their adapter into a slot"),
-            ("host_evictions", "Adapters evicted from host memory"),
-            ("device_evictions", "Adapters evicted from a device slot"),
-            ("load_failures", "Adapter loads refused by validation or failed"),
-        ):
-            yield CounterMetricFamily(f"switchboard_adapter_{name}", help_text,
-                                      value=getattr(cache_stats, name))
-        usage = self.cache.usage()
-        yield GaugeMetricFamily("switchboard_adapter_slots_in_use",
-                                "Device slots holding an adapter", value=usage["slots_in_use"])
-        yield GaugeMetricFamily("switchboard_adapter_slots", "Device slots in all",
-                                value=self.cache.slots.num_slots)
-        yield GaugeMetricFamily("switchboard_adapters_in_host_memory",
-                                "Adapter versions held in host memory",
-                                value=usage["host_entries"])
-        # Leak checks (the soak test) read these three: all 0 when no call is in flight.
-        yield GaugeMetricFamily("switchboard_adapter_version_pins",
-                                "Leases holding an adapter version (calls in flight)",
-                                value=usage["version_pins"])
-        yield GaugeMetricFamily("switchboard_adapter_slot_pins",
-                                "Admitted calls holding a device slot",
-                                value=usage["slot_pins"])
-        yield GaugeMetricFamily("switchboard_adapter_loads_in_progress",
-                                "Adapter loads from disk under way", value=usage["loading"])
+        yield from live_metrics([([], live_figures(self.engine, self.cache))], [])
 
 
 class ServiceMetrics:
