@@ -6,8 +6,10 @@ In one process and one run, on the default model (fp32 unless ``--dtype``):
   then the timed steps), for (i) transformers' eager forward with its own KV cache,
   (ii) the engine with no adapters, (iii) the engine with 8 mixed rank-8 q,v adapters
   (rows cycle through 8 adapters and the base) -- on the configured decode path, and
-  (iii) again on the ``eager`` path, the engine before the fused path existed. An engine
-  step is ``Engine.step()``: planning, the forward pass, sampling and detokenizing;
+  (iii) again with oneDNN GEMMs instead of the AVX2 kernel (``engine.gemm: onednn``, the
+  default before the kernel) and on the ``eager`` path, the engine before the fused path
+  existed. An engine step is ``Engine.step()``: planning, the forward pass, sampling
+  and detokenizing;
 - the machine: fp32 GEMM GFLOP/s (a 3072^3 matmul on all threads) and copy GB/s (bytes
   read + written by a 256 MiB copy between tensors filled with data), and from those
   the roofline per B: max(weight bytes / copy rate, 2 * params * B / GEMM rate);
@@ -239,12 +241,13 @@ def prefill_rounds(hf_model, engines: dict[str, Engine], device: torch.device
 
 # -- engine ---------------------------------------------------------------------------------
 def make_engine(source: str, device: str, dtype: str | None, quantize: str, decode: str,
-                adapters: list[Path], max_batch: int = max(BATCHES)) -> Engine:
+                adapters: list[Path], max_batch: int = max(BATCHES), gemm: str = "auto"
+                ) -> Engine:
     loaded = load_base_model(source, device=device, dtype=dtype, quantize=quantize)
     engine = Engine(loaded.model, loaded.tokenizer, EngineConfig(
         max_batch_size=max_batch, max_num_batched_tokens=max(512, max_batch),
         max_model_len=max(PREFILL_TOKENS + 8, CONTEXT + MAX_NEW), max_loras=NUM_ADAPTERS,
-        max_lora_rank=16, decode=decode,
+        max_lora_rank=16, decode=decode, gemm=gemm,
     ), start=False)
     for slot, path in enumerate(adapters):
         engine.slots.load(slot, read_peft_adapter(path))
@@ -325,9 +328,14 @@ def main() -> None:
     gflops, copy_gb_s = machine_rates(device)
     weight_bytes, params = weight_stats(hf.model)
 
-    engines = {name: make_engine("default", args.device, args.dtype, "none", path, adapters)
-               for name, path in (("base", "fused"), ("mixed", "fused"),
-                                  ("mixed_eager", "eager"), ("mixed_compiled", "fused"))}
+    engines = {name: make_engine("default", args.device, args.dtype, "none", path, adapters,
+                                 gemm=gemm)
+               for name, path, gemm in (("base", "fused", "auto"), ("mixed", "fused", "auto"),
+                                        ("mixed_onednn", "fused", "onednn"),
+                                        ("mixed_eager", "eager", "auto"),
+                                        ("mixed_compiled", "fused", "auto"))}
+    if engines["mixed"].decode_note == engines["mixed_onednn"].decode_note:
+        del engines["mixed_onednn"]  # no AVX2 kernel here: the default already is oneDNN
     compile_seconds = attach_compiled(engines["mixed_compiled"]) \
         if device.type == "cpu" and not args.skip_compiled else {}
     if not compile_seconds:
@@ -339,6 +347,8 @@ def main() -> None:
             "hf_eager": HFDecode(hf.model, hf.tokenizer, batch, device),
             "engine_base": EngineDecode(engines["base"], batch, mixed=False),
             "engine_mixed": EngineDecode(engines["mixed"], batch, mixed=True),
+            **({"engine_mixed_onednn": EngineDecode(engines["mixed_onednn"], batch, mixed=True)}
+               if "mixed_onednn" in engines else {}),
             "engine_mixed_eager_path": EngineDecode(engines["mixed_eager"], batch, mixed=True),
             **({"engine_mixed_compiled": EngineDecode(engines["mixed_compiled"], batch,
                                                       mixed=True)}
@@ -347,9 +357,13 @@ def main() -> None:
     if args.profile:
         profile_step(engines["mixed"], 16)
         profile_step(engines["mixed_eager"], 16)
-    prefill = prefill_rounds(hf.model, {"engine": engines["mixed"],
-                                        "engine_eager_path": engines["mixed_eager"]}, device)
+    prefill = prefill_rounds(hf.model, {
+        "engine": engines["mixed"], "engine_eager_path": engines["mixed_eager"],
+        **({"engine_onednn": engines["mixed_onednn"]} if "mixed_onednn" in engines else {}),
+    }, device)
     single = single_call_p50_ms(engines["mixed"], adapters_loaded=True)
+    single_onednn = single_call_p50_ms(engines["mixed_onednn"], adapters_loaded=True) \
+        if "mixed_onednn" in engines else None
     single_eager = single_call_p50_ms(engines["mixed_eager"], adapters_loaded=True)
     single_compiled = single_call_p50_ms(engines["mixed_compiled"], adapters_loaded=True) \
         if "mixed_compiled" in engines else None
@@ -403,6 +417,7 @@ def main() -> None:
         "prefill_tokens_per_s": {k: round(v, 1) for k, v in prefill.items()},
         "single_call_p50_ms": round(single, 1),
         "single_call_p50_ms_eager_path": round(single_eager, 1),
+        "single_call_p50_ms_onednn": None if single_onednn is None else round(single_onednn, 1),
         "single_call_p50_ms_compiled_path": None if single_compiled is None
         else round(single_compiled, 1),
         "compiled_graph_compile_s": compile_seconds,

@@ -57,7 +57,8 @@ def _cmd_model_info(args: argparse.Namespace) -> int:
     from server.engine.config import EngineConfig
     from server.engine.engine import choose_decode_path
 
-    info["decode_path"] = choose_decode_path(loaded.model, args.decode or EngineConfig.decode)[1]
+    info["decode_path"] = choose_decode_path(loaded.model, args.decode or EngineConfig.decode,
+                                             args.gemm or EngineConfig.gemm)[1]
     if args.perplexity:
         from server.basemodel.quality import perplexity
 
@@ -134,6 +135,8 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("--quantize", default="none", help="none, int8 or nf4")
     info.add_argument("--decode", default=None, choices=("fused", "eager", "compiled"),
                       help="the engine.decode setting to check (default: the engine's)")
+    info.add_argument("--gemm", default=None, choices=("auto", "onednn", "aten"),
+                      help="the engine.gemm setting to check (default: the engine's)")
     info.add_argument("--perplexity", action="store_true", help="also measure perplexity")
     info.add_argument("--json", action="store_true", help="machine-readable output")
     info.set_defaults(handler=_cmd_model_info)

@@ -8,6 +8,7 @@ from server.basemodel.loader import LORA_TARGET_MODULES
 from server.errors import InvalidOption
 
 DECODE_PATHS = ("fused", "eager", "compiled")
+GEMM_KERNELS = ("auto", "onednn", "aten")
 
 
 @dataclass(frozen=True)
@@ -39,12 +40,18 @@ class EngineConfig:
     trace_capacity: int = 4096
     """Steps kept in the step trace."""
     decode: str = "fused"
-    """How a step runs the model: ``fused`` (fused projections on prepacked GEMM kernels,
+    """How a step runs the model: ``fused`` (fused projections on prepacked GEMM kernels
+    chosen by ``gemm``,
     server/engine/fused.py) or ``eager`` (the model's own modules, one per projection).
     A base the fused path cannot run (a quantized one) decodes eagerly, and says why.
     ``compiled`` (CPU only) also builds inductor graphs of the pure decode step in the
     background, 2-3.5 minutes of CPU each here, and uses each once ready: measured 2x
     faster than ``fused`` for one row, 1.1x for 16, slower for 64 (docs/benchmarks.md)."""
+    gemm: str = "auto"
+    """The fused path's GEMM kernel on the CPU: ``auto`` (the project's AVX2 kernel,
+    server/engine/skinny_gemm.c, built with the system C compiler at start-up; oneDNN
+    where it cannot build or run), ``onednn`` (oneDNN with prepacked weights) or ``aten``
+    (``F.linear``, MKL). GPUs always use ``F.linear``."""
     compiled_batch_sizes: tuple[int, ...] = (1, 16)
     """Batch buckets the ``compiled`` path builds graphs for (rows are padded up to the
     next one; a step above the largest runs fused). One graph per bucket and loaded LoRA
@@ -64,6 +71,11 @@ class EngineConfig:
             raise InvalidOption(
                 f"engine setting decode must be one of {', '.join(DECODE_PATHS)}, "
                 f"got {self.decode!r}"
+            )
+        if self.gemm not in GEMM_KERNELS:
+            raise InvalidOption(
+                f"engine setting gemm must be one of {', '.join(GEMM_KERNELS)}, "
+                f"got {self.gemm!r}"
             )
         if not all(isinstance(b, int) and b > 0 for b in self.compiled_batch_sizes):
             raise InvalidOption("engine setting compiled_batch_sizes must hold integers > 0")

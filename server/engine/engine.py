@@ -30,13 +30,14 @@ from typing import Any
 
 import torch
 
+from server.engine import cpu_gemm
 from server.engine.compiled import CompiledDecoder
 from server.engine.config import EngineConfig
 from server.engine.detokenizer import IncrementalDetokenizer
 from server.engine.forward import BatchedLlama, Segment, StepInput
 from server.engine.fused import FusedLlama, unfusable_reason
 from server.engine.multi_lora import NO_ADAPTER, LoraSegment, LoraSlots, attach_multi_lora
-from server.engine.packed_linear import onednn_available
+from server.engine.packed_linear import BACKEND_NOTES, gemm_backend
 from server.engine.request import (
     FinishReason,
     GenerationRequest,
@@ -99,7 +100,7 @@ class Engine:
         self.model = model
         self.device = next(model.parameters()).device
         cfg = self.config
-        self.decode_path, self.decode_note = choose_decode_path(model, cfg.decode)
+        self.decode_path, self.decode_note = choose_decode_path(model, cfg.decode, cfg.gemm)
         self.slots: LoraSlots = attach_multi_lora(
             model, cfg.target_modules, cfg.max_loras, cfg.max_lora_rank
         )
@@ -107,7 +108,7 @@ class Engine:
         if self.decode_path == "eager":
             self.runner = BatchedLlama(model, cfg.max_batch_size, cfg.max_model_len)
         else:
-            fused = FusedLlama(model, cfg.max_batch_size, cfg.max_model_len)
+            fused = FusedLlama(model, cfg.max_batch_size, cfg.max_model_len, cfg.gemm)
             if self.decode_path == "compiled":
                 fused.compiled = CompiledDecoder(fused, self.slots, cfg.compiled_batch_sizes)
             self.runner = fused
@@ -512,15 +513,20 @@ def _ended(row: _Row, now: float) -> FinishReason | None:
     return None
 
 
-def choose_decode_path(model: torch.nn.Module, requested: str) -> tuple[str, str]:
-    """The decode path the engine will run for ``requested``, and a line saying why."""
+def choose_decode_path(model: torch.nn.Module, requested: str, gemm: str = "auto"
+                       ) -> tuple[str, str]:
+    """The decode path the engine will run for ``requested`` (and GEMM setting ``gemm``),
+    and a line saying why."""
     if requested == "eager":
         return "eager", "eager (as configured)"
     reason = unfusable_reason(model)
     if reason is not None:
         return "eager", f"eager ({requested} unavailable: {reason})"
     head: Any = model.lm_head
-    kernel = "oneDNN prepacked" if onednn_available(head.weight) else "aten"
+    backend = gemm_backend(head.weight, gemm)
+    kernel = BACKEND_NOTES[backend]
+    if backend != "avx2" and gemm == "auto" and head.weight.device.type == "cpu":
+        kernel += f"; AVX2 kernel unavailable: {cpu_gemm.unavailable_reason()}"
     if requested == "compiled":
         if head.weight.device.type != "cpu":
             return "fused", f"fused ({kernel} GEMMs; compiled unavailable: CPU only so far)"

@@ -6,7 +6,8 @@ So this runner, built once from the model's own weights:
 
 - concatenates q,k,v into one weight and gate,up into another (one GEMM each), and
   runs every base GEMM, the vocabulary head included, through :class:`PackedLinear`
-  (oneDNN with prepacked weights on the CPU, ``F.linear`` elsewhere);
+  (the project's AVX2 kernel or oneDNN, weights prepacked, on the CPU; ``F.linear``
+  elsewhere);
 - adds each row's LoRA term into its target's columns of the fused output, with the
   per-target stacks and GEMMs of :class:`MultiLoraLinear` (two per target an adapter
   uses; a target no loaded adapter uses costs nothing). Stacks laid out for the fused
@@ -149,7 +150,8 @@ class FusedLlama(BatchedLlama):
     model still work).
     """
 
-    def __init__(self, model: nn.Module, max_rows: int, max_len: int) -> None:
+    def __init__(self, model: nn.Module, max_rows: int, max_len: int,
+                 gemm: str = "auto") -> None:
         super().__init__(model, max_rows, max_len)
         reason = unfusable_reason(model)
         if reason is not None:
@@ -168,17 +170,18 @@ class FusedLlama(BatchedLlama):
                     input_norm=layer.input_layernorm.weight.detach(),
                     post_norm=layer.post_attention_layernorm.weight.detach(),
                     qkv=PackedLinear(*_fused_weight([_base_linear(getattr(attn, k))
-                                                     for k in FUSED_GROUPS["qkv"]])),
-                    o=PackedLinear(*_fused_weight([_base_linear(attn.o_proj)])),
+                                                     for k in FUSED_GROUPS["qkv"]]), gemm),
+                    o=PackedLinear(*_fused_weight([_base_linear(attn.o_proj)]), gemm),
                     gate_up=PackedLinear(*_fused_weight([_base_linear(getattr(mlp, k))
-                                                         for k in FUSED_GROUPS["gate_up"]])),
-                    down=PackedLinear(*_fused_weight([_base_linear(mlp.down_proj)])),
+                                                         for k in FUSED_GROUPS["gate_up"]]),
+                                         gemm),
+                    down=PackedLinear(*_fused_weight([_base_linear(mlp.down_proj)]), gemm),
                     lora=lora,
                     scaling=float(attn.scaling),
                 ))
             head = self.model.lm_head
             self.head = PackedLinear(head.weight.detach(),
-                                     None if head.bias is None else head.bias.detach())
+                                     None if head.bias is None else head.bias.detach(), gemm)
             self.final_norm = inner.norm.weight.detach()
             device = head.weight.device
             positions = torch.arange(max_len, device=device)

@@ -2,23 +2,29 @@
 
 On this project's CPUs (AMD Zen 3, AVX2), ``F.linear`` goes through MKL's sgemm, which
 handles skinny decode shapes (a few rows times a wide weight) at a fraction of the
-memory bandwidth; oneDNN with the weight reordered once into its blocked layout is
-1.5-3x faster at 16-64 rows (the vocabulary head at 16 rows: 52 ms -> 15 ms, measured
-in ``docs/benchmarks.md``). These are the kernels inductor's CPU path emits with
-``freezing=True``; called directly they need no compiler. Anything else (CUDA, bf16
-without oneDNN support, a torch built without mkldnn) keeps ``F.linear``.
+memory bandwidth. Measured per shape (``docs/benchmarks.md``, "Decode"), the fastest is
+the project's own AVX2 kernel (``cpu_gemm``: 17-21 GB/s for one row, 1.1-1.6x oneDNN's
+speed at 4-64 rows, even at 256); next is oneDNN with the weight reordered once into its
+blocked layout (1.5-3x MKL at 16-64 rows), the kernels inductor's CPU path emits with
+``freezing=True``. ``gemm`` picks: ``auto`` takes the first that runs here, ``onednn``
+skips the AVX2 kernel, ``aten`` keeps ``F.linear`` (also what CUDA, bf16 and a torch
+without mkldnn get).
 
 oneDNN builds and caches one kernel ("primitive") per input shape, in two LRU caches
 of 1024 entries (oneDNN's and ideep's), each entry holding JIT code and scratch space:
-fed every prefill length a server sees, they grew the soak's RSS by >100 MB. So the
-row count is bucketed (:func:`row_bucket`) and long inputs run in chunks of
-``CHUNK_ROWS``: at most ~30 shapes per weight, whatever the traffic.
+fed every prefill length a server sees, they grew the soak's RSS by >100 MB. So for
+oneDNN the row count is bucketed (:func:`row_bucket`) and long inputs run in chunks of
+``CHUNK_ROWS``: at most ~30 shapes per weight, whatever the traffic. The AVX2 kernel has
+no per-shape state.
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+
+from server.engine import cpu_gemm
+from server.engine.config import GEMM_KERNELS
 
 EXACT_ROWS = 16
 """Row counts up to this run unpadded: decode batches, where padding costs the most."""
@@ -44,21 +50,47 @@ def onednn_available(weight: torch.Tensor) -> bool:
     )
 
 
+def gemm_backend(weight: torch.Tensor, gemm: str = "auto") -> str:
+    """The kernel :class:`PackedLinear` runs for ``weight`` under setting ``gemm``:
+    ``avx2`` (``cpu_gemm``), ``onednn`` or ``aten``."""
+    if gemm not in GEMM_KERNELS:
+        raise ValueError(f"gemm must be one of {', '.join(GEMM_KERNELS)}, got {gemm!r}")
+    on_cpu_fp32 = weight.device.type == "cpu" and weight.dtype == torch.float32
+    if gemm == "aten" or not on_cpu_fp32:
+        return "aten"
+    if gemm == "auto" and cpu_gemm.kernel() is not None:
+        return "avx2"
+    return "onednn" if onednn_available(weight) else "aten"
+
+
+BACKEND_NOTES = {"avx2": "AVX2 kernel", "onednn": "oneDNN prepacked", "aten": "aten"}
+"""How a backend is named in the decode path's description."""
+
+
 class PackedLinear:
     """``y = x @ W^T (+ b)`` with ``W`` prepacked once; ``W`` never changes afterwards."""
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None) -> None:
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None,
+                 gemm: str = "auto") -> None:
         self.out_features, self.in_features = int(weight.shape[0]), int(weight.shape[1])
+        self.backend = gemm_backend(weight, gemm)
         self.bias = bias
-        self.onednn = onednn_available(weight)
         # The packed copy replaces the plain one: keep only what the kernel reads.
-        self.weight = (torch.ops.mkldnn._reorder_linear_weight(weight.contiguous())
-                       if self.onednn else weight)
+        self.weight = weight
+        self._kernel = cpu_gemm.kernel() if self.backend == "avx2" else None
+        if self._kernel is not None:
+            self.weight = self._kernel.pack(weight)
+            self.bias = cpu_gemm.pad_bias(bias)
+        elif self.backend == "onednn":
+            self.weight = torch.ops.mkldnn._reorder_linear_weight(weight.contiguous())
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.onednn:
+        if self.backend == "aten":
             return F.linear(x, self.weight, self.bias)
         flat = x.reshape(-1, self.in_features)
+        if self._kernel is not None:
+            y = self._kernel.matmul(flat, self.weight, self.bias, self.out_features)
+            return y.view(*x.shape[:-1], self.out_features)
         rows = flat.shape[0]
         if rows <= CHUNK_ROWS:
             y = self._bucketed(flat)

@@ -1,0 +1,179 @@
+"""The project's own fp32 GEMM for x86 CPUs with AVX2 + FMA (``skinny_gemm.c``).
+
+A decode step reads every weight once for a few rows, so its GEMMs are bound by how fast
+they stream the weights. On this project's CPUs (AMD Zen 3), MKL and oneDNN read them at
+8-13 GB/s, about half the memory's read rate; the ~150-line C kernel next to this file
+reads them at 17-21 GB/s for one row and is 1.1-1.6x faster at 4-64 rows, and no slower
+for 256-row prefill chunks (``docs/benchmarks.md``, "Decode").
+
+It is compiled once with the system C compiler (``$CC``, else ``gcc``/``cc``; about a
+second) into ``<cache>/kernels/`` keyed by the source, the flags and the compiler, loaded
+with ctypes (which releases the GIL during a call) and checked against ``torch`` before
+first use. Anything missing -- not x86-64 with AVX2, no compiler, a failed build or check --
+makes :func:`unavailable_reason` say why, and :class:`PackedLinear` falls back to oneDNN.
+Its OpenMP threads come from the ``libgomp`` torch has already loaded (same soname), so
+the process keeps one thread pool; each call uses ``torch.get_num_threads()`` threads.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import torch
+
+from server.basemodel.gguf_cache import cache_root
+
+log = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).with_name("skinny_gemm.c")
+FLAGS = ("-O3", "-mavx2", "-mfma", "-fopenmp", "-shared", "-fPIC")
+BUILD_TIMEOUT_S = 120
+PANEL = 16
+"""Output columns per packed panel (``PANEL`` in the C source)."""
+
+_LONG, _PTR, _INT = ctypes.c_long, ctypes.c_void_p, ctypes.c_int
+
+
+class _Kernel:
+    """The loaded library: ``pack`` once per weight, ``matmul`` per call."""
+
+    def __init__(self, path: Path) -> None:
+        self.library = ctypes.CDLL(str(path))
+        self._pack = self.library.sb_pack
+        self._pack.argtypes = [_PTR, _PTR, _LONG, _LONG, _INT]
+        self._pack.restype = None
+        self._gemm = self.library.sb_gemm
+        self._gemm.argtypes = [_PTR, _LONG, _PTR, _PTR, _PTR, _LONG, _LONG, _LONG, _LONG, _INT]
+        self._gemm.restype = None
+        self.library.sb_panel.restype = _LONG
+        if self.library.sb_panel() != PANEL:
+            raise RuntimeError("the built kernel's panel width does not match cpu_gemm.PANEL")
+
+    def pack(self, weight: torch.Tensor) -> torch.Tensor:
+        """``weight`` ``[n, k]`` in the kernel's panel layout (a new tensor)."""
+        weight = weight.detach().contiguous()
+        n, k = weight.shape
+        packed = torch.empty(padded(n) * k, dtype=torch.float32)
+        self._pack(weight.data_ptr(), packed.data_ptr(), n, k, torch.get_num_threads())
+        return packed
+
+    def matmul(self, x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None,
+               out_features: int) -> torch.Tensor:
+        """``x @ W^T (+ bias)`` for 2-D ``x`` ``[m, k]``; ``bias`` padded to whole panels."""
+        if x.stride(-1) != 1:
+            x = x.contiguous()
+        rows, k = x.shape
+        y = torch.empty(rows, out_features, dtype=torch.float32)
+        self._gemm(x.data_ptr(), x.stride(0), packed.data_ptr(),
+                   None if bias is None else bias.data_ptr(), y.data_ptr(), out_features,
+                   rows, out_features, k, torch.get_num_threads())
+        return y
+
+
+def padded(n: int) -> int:
+    """``n`` output columns rounded up to whole panels."""
+    return -(-n // PANEL) * PANEL
+
+
+def pad_bias(bias: torch.Tensor | None) -> torch.Tensor | None:
+    """A copy of ``bias`` zero-padded to whole panels (what the kernel reads)."""
+    if bias is None:
+        return None
+    out = torch.zeros(padded(bias.shape[0]), dtype=torch.float32)
+    out[: bias.shape[0]] = bias.detach()
+    return out
+
+
+def _compiler() -> str | None:
+    for candidate in (os.environ.get("CC"), "gcc", "cc"):
+        if candidate and (path := shutil.which(candidate)):
+            return path
+    return None
+
+
+def _compiler_version(compiler: str) -> str:
+    done = subprocess.run([compiler, "--version"], capture_output=True, text=True,
+                          timeout=30, check=False)
+    return done.stdout.splitlines()[0] if done.stdout else ""
+
+
+def _build(compiler: str) -> Path:
+    """The compiled library, built now unless the cache already holds this exact build."""
+    source = SOURCE.read_bytes()
+    key = hashlib.sha256(b"\0".join([source, " ".join(FLAGS).encode(),
+                                     _compiler_version(compiler).encode()])).hexdigest()[:16]
+    folder = cache_root() / "kernels"
+    target = folder / f"skinny_gemm-{key}.so"
+    if target.exists():
+        return target
+    folder.mkdir(parents=True, exist_ok=True)
+    # Built under a temporary name, then renamed: processes starting together (replicas)
+    # never load a half-written library.
+    fd, temporary = tempfile.mkstemp(prefix=".skinny_gemm-", suffix=".so", dir=folder)
+    os.close(fd)
+    try:
+        done = subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", temporary],
+                              capture_output=True, text=True, timeout=BUILD_TIMEOUT_S,
+                              check=False)
+        if done.returncode != 0:
+            first = (done.stderr.strip().splitlines() or ["no output"])[0]
+            raise RuntimeError(f"{Path(compiler).name} failed: {first}")
+        os.replace(temporary, target)
+    finally:
+        if os.path.exists(temporary):
+            os.unlink(temporary)
+    return target
+
+
+def _check(kernel: _Kernel) -> None:
+    """Compare with torch on shapes that reach every code path (tiles of 1-6 rows, a
+    partial panel, a bias, a row block boundary, strided input rows)."""
+    generator = torch.Generator().manual_seed(0)
+    for rows, n, k in ((1, 40, 37), (7, 40, 37), (16, 96, 64), (200, 24, 19), (5, 16, 1)):
+        x = torch.randn(rows, k + 3, generator=generator)[:, :k]
+        weight = torch.randn(n, k, generator=generator)
+        bias = torch.randn(n, generator=generator)
+        got = kernel.matmul(x, kernel.pack(weight), pad_bias(bias), n)
+        want = torch.nn.functional.linear(x, weight, bias)
+        if not torch.allclose(got, want, rtol=1e-4, atol=1e-4):
+            error = (got - want).abs().max().item()
+            raise RuntimeError(f"wrong results for {rows}x{k} @ {k}x{n} (max error {error:.3g})")
+
+
+@functools.cache
+def _load() -> tuple[_Kernel | None, str | None]:
+    if platform.system() != "Linux" or platform.machine().lower() not in ("x86_64", "amd64"):
+        return None, f"not an x86-64 Linux machine ({platform.system()} {platform.machine()})"
+    capability = torch.backends.cpu.get_cpu_capability()
+    if capability not in ("AVX2", "AVX512"):
+        return None, f"the CPU lacks AVX2 + FMA (torch reports {capability})"
+    compiler = _compiler()
+    if compiler is None:
+        return None, "no C compiler found ($CC, gcc or cc)"
+    try:
+        kernel = _Kernel(_build(compiler))
+        _check(kernel)
+    except (OSError, RuntimeError, subprocess.SubprocessError) as exc:
+        reason = f"{type(exc).__name__}: {exc}"
+        log.warning("AVX2 GEMM kernel unavailable, using oneDNN: %s", reason)
+        return None, reason
+    return kernel, None
+
+
+def kernel() -> _Kernel | None:
+    """The loaded kernel, built on first call (None where it cannot run here)."""
+    return _load()[0]
+
+
+def unavailable_reason() -> str | None:
+    """Why the kernel cannot run here (None: it can)."""
+    return _load()[1]
