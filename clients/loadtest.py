@@ -38,6 +38,7 @@ class Outcome:
     ttft_s: float | None = None
     tokens: int = 0
     status: str = "OK"
+    server_s: float | None = None  # the server's own arrival-to-end time (Timings.total_ms)
 
 
 @dataclass
@@ -49,6 +50,7 @@ class Report:
     tokens_per_s: float
     tokens: int
     latency_ms: dict[str, float]
+    server_ms: dict[str, float]
     ttft_ms: dict[str, float]
     ttft_source: str
     errors: dict[str, int]
@@ -130,10 +132,12 @@ async def one_request(client: AsyncSwitchboardClient, text: str, dialect: str, s
                 else:
                     result = item
             assert result is not None
-            return Outcome(True, time.perf_counter() - started, first, result.completion_tokens)
+            return Outcome(True, time.perf_counter() - started, first, result.completion_tokens,
+                           server_s=result.total_ms / 1000)
         result = await client.generate(text, dialect=dialect, max_new_tokens=max_new_tokens)
         return Outcome(True, time.perf_counter() - started,
-                       result.time_to_first_token_ms / 1000, result.completion_tokens)
+                       result.time_to_first_token_ms / 1000, result.completion_tokens,
+                       server_s=result.total_ms / 1000)
     except SwitchboardError as error:
         return Outcome(False, time.perf_counter() - started, status=error.code.name)
 
@@ -188,6 +192,7 @@ async def load(args: argparse.Namespace) -> Report:
         requests_per_s=round(len(good) / seconds, 3), tokens=tokens,
         tokens_per_s=round(tokens / seconds, 2),
         latency_ms=percentiles([o.latency_s for o in good], (50, 95, 99)),
+        server_ms=percentiles([o.server_s for o in good if o.server_s is not None], (50, 95, 99)),
         ttft_ms=percentiles([o.ttft_s for o in good if o.ttft_s is not None], (50, 95)),
         ttft_source="client (first chunk)" if args.stream else "server-reported",
         errors=errors, retries=client.retries, concurrency=args.concurrency,
@@ -195,13 +200,15 @@ async def load(args: argparse.Namespace) -> Report:
 
 
 def render(report: Report) -> str:
-    lat, ttft = report.latency_ms, report.ttft_ms
+    lat, ttft, server = report.latency_ms, report.ttft_ms, report.server_ms
     lines = [
         f"requests      {report.ok}/{report.requests} ok in {report.seconds:.1f} s "
         f"(concurrency {report.concurrency}, {'streaming' if report.stream else 'unary'})",
         f"throughput    {report.requests_per_s:.2f} requests/s, {report.tokens_per_s:.1f} tokens/s",
         f"latency       p50 {lat.get('p50', 0):.0f} ms, p95 {lat.get('p95', 0):.0f} ms, "
-        f"p99 {lat.get('p99', 0):.0f} ms",
+        f"p99 {lat.get('p99', 0):.0f} ms (client)",
+        f"server time   p50 {server.get('p50', 0):.0f} ms, p95 {server.get('p95', 0):.0f} ms "
+        "(arrival to end, server-reported)",
         f"first token   p50 {ttft.get('p50', 0):.0f} ms, p95 {ttft.get('p95', 0):.0f} ms "
         f"({report.ttft_source})",
         "errors        " + (", ".join(f"{k} {v}" for k, v in sorted(report.errors.items()))

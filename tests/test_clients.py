@@ -267,6 +267,9 @@ def test_loadtest_in_its_own_process(live_server):
     report = json.loads(result.stdout)
     assert report["requests"] == report["ok"] == 24 and report["errors"] == {}
     assert report["tokens"] > 0 and set(report["latency_ms"]) == {"p50", "p95", "p99"}
+    # the server's own arrival-to-end time, never more than what the client waited
+    assert set(report["server_ms"]) == {"p50", "p95", "p99"}
+    assert 0 < report["server_ms"]["p50"] <= report["latency_ms"]["p99"]
     assert "done" in result.stderr  # the progress bar
 
 

@@ -148,6 +148,69 @@ def test_oracle_tiny_nf4(tiny_model_dir: Path, tmp_path: Path) -> None:
     print("tiny nf4 oracle:", stats)
 
 
+@pytest.mark.parametrize("batch", [
+    [("r16_all", 1.0, 0)],  # one slot of four in use: its stacks alone, a strided view
+    [("r16_all", 1.5, 1), (None, 1.0, 0), ("r16_all", 0.5, 2)],  # one slot, a base row
+    [("r4_qv", 1.0, 3), ("r8_all", 0.5, 1)],  # two slots of four: theirs gathered
+])
+def test_oracle_tiny_when_a_step_uses_some_slots(
+        batch: list[tuple[str | None, float, int]], tiny_model_dir: Path,
+        tmp_path: Path) -> None:
+    """Decode steps whose rows use only some of the loaded slots read only those slots'
+    stacks (LoraStep.used_slots); teacher-forced, they still match PEFT. (The eager
+    path runs the same MultiLoraLinear.add_lora.)"""
+    adapters = make_adapters(tiny_model_dir, tmp_path, b_std=0.5)
+    served = load_base_model(tiny_model_dir, dtype="float32")
+    oracle = PeftOracle(load_base_model(tiny_model_dir, dtype="float32").model, adapters)
+    prompts = [served.tokenizer.encode(p, add_special_tokens=False) for p in PROMPTS]
+    refs = [oracle.greedy(prompts[p], name, scale, 6) for name, scale, p in batch]
+    engine = Engine(served.model, served.tokenizer, EngineConfig(
+        max_batch_size=4, max_model_len=128, max_loras=4, max_lora_rank=16))
+    try:
+        slot_of = {name: slot for slot, name in enumerate(adapters)}
+        for name, path in adapters.items():
+            engine.slots.load(slot_of[name], read_peft_adapter(path))
+        handles = [engine.submit(GenerationRequest(
+            prompts[p], SamplingParams(max_new_tokens=6),
+            adapter=None if name is None else slot_of[name], weight_scale=scale,
+            forced_tokens=ref.tokens, record_logits=True))
+            for (name, scale, p), ref in zip(batch, refs, strict=True)]
+        for ref, handle in zip(refs, handles, strict=True):
+            result = handle.result(timeout=300)
+            assert result.token_ids == tuple(ref.tokens)
+            assert result.logits is not None
+            worst = max(float((ours - theirs).abs().max())
+                        for ours, theirs in zip(result.logits, ref.logits, strict=True))
+            assert worst <= 1e-4, f"max |Δlogit| {worst:.2e}"
+    finally:
+        engine.stop()
+
+
+def test_a_step_records_only_the_slots_its_rows_use(tiny_model_dir: Path,
+                                                   tmp_path: Path) -> None:
+    from server.engine.multi_lora import LoraSegment
+
+    adapters = make_adapters(tiny_model_dir, tmp_path, b_std=0.5)
+    served = load_base_model(tiny_model_dir, dtype="float32")
+    engine = Engine(served.model, served.tokenizer, EngineConfig(max_loras=4),
+                    start=False)
+    for slot, path in enumerate(adapters.values()):
+        engine.slots.load(slot, read_peft_adapter(path))
+    slots = engine.slots
+    slots.set_step([LoraSegment(0, 1, 2, 0.5), LoraSegment(1, 2, -1, 1.0),
+                    LoraSegment(2, 3, 0, 1.0)])
+    step = slots.state.step
+    assert step is not None and step.used_slots == (0, 2)
+    assert step.used_mask is not None and step.dense_mask is not None
+    rank = step.rank  # rank-major: column r * used + j is used slot j's scale
+    assert step.used_mask.shape == (3, rank * 2)
+    assert step.used_mask[:, :2].tolist() == [[0.0, 0.5], [0.0, 0.0], [1.0, 0.0]]
+    torch.testing.assert_close(step.used_mask, step.dense_mask.view(3, rank, 4)[:, :, [0, 2]]
+                               .reshape(3, rank * 2))
+    slots.set_step([LoraSegment(i, i + 1, i, 1.0) for i in range(4)])
+    assert slots.state.step is not None and slots.state.step.used_slots is None  # all four
+
+
 @pytest.mark.parametrize("decode", [
     "fused", "eager", pytest.param("compiled", marks=pytest.mark.slow)])
 def test_oracle_default_fp32(decode: str, default_model: LoadedBaseModel,
