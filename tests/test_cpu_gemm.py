@@ -82,7 +82,7 @@ def test_a_failed_build_is_a_reason_not_a_crash(tmp_path, monkeypatch) -> None:
     monkeypatch.setenv("SWITCHBOARD_CACHE_DIR", str(tmp_path))
     broken = tmp_path / "broken.c"
     broken.write_text("this is not C\n")
-    monkeypatch.setattr(cpu_gemm, "SOURCE", broken)
+    monkeypatch.setattr(cpu_gemm, "SOURCES", (broken,))
     cpu_gemm._load.cache_clear()
     try:
         kernel, reason = cpu_gemm._load()

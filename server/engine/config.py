@@ -48,10 +48,11 @@ class EngineConfig:
     background, 2-3.5 minutes of CPU each here, and uses each once ready: measured 2x
     faster than ``fused`` for one row, 1.1x for 16, slower for 64 (docs/benchmarks.md)."""
     gemm: str = "auto"
-    """The fused path's GEMM kernel on the CPU: ``auto`` (the project's AVX2 kernel,
-    server/engine/skinny_gemm.c, built with the system C compiler at start-up; oneDNN
-    where it cannot build or run), ``onednn`` (oneDNN with prepacked weights) or ``aten``
-    (``F.linear``, MKL). GPUs always use ``F.linear``."""
+    """The fused path's kernels on the CPU: ``auto`` (the project's AVX2 GEMM and decode
+    attention, server/engine/skinny_gemm.c and decode_attention.c, built with the system
+    C compiler at start-up; oneDNN and torch's SDPA where they cannot build or run),
+    ``onednn`` (oneDNN with prepacked weights, SDPA) or ``aten`` (``F.linear``, SDPA).
+    GPUs always use ``F.linear`` and SDPA."""
     compiled_batch_sizes: tuple[int, ...] = (1, 16)
     """Batch buckets the ``compiled`` path builds graphs for (rows are padded up to the
     next one; a step above the largest runs fused). One graph per bucket and loaded LoRA

@@ -1,4 +1,5 @@
-"""The project's own fp32 GEMM for x86 CPUs with AVX2 + FMA (``skinny_gemm.c``).
+"""The project's own fp32 CPU kernels for x86 with AVX2 + FMA: the GEMM of every base
+projection (``skinny_gemm.c``) and decode attention (``decode_attention.c``).
 
 A decode step reads every weight once for a few rows, so its GEMMs are bound by how fast
 they stream the weights. On this project's CPUs (AMD Zen 3), MKL and oneDNN read them at
@@ -34,8 +35,12 @@ from server.basemodel.gguf_cache import cache_root
 
 log = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).with_name("skinny_gemm.c")
+SOURCES = (Path(__file__).with_name("skinny_gemm.c"),
+           Path(__file__).with_name("decode_attention.c"))
 FLAGS = ("-O3", "-mavx2", "-mfma", "-fopenmp", "-shared", "-fPIC")
+LIBS = ("-lm",)
+MAX_GROUP = 16
+"""Query heads per KV head the attention kernel takes (its per-task arrays)."""
 BUILD_TIMEOUT_S = 120
 PANEL = 16
 """Output columns per packed panel (``PANEL`` in the C source)."""
@@ -54,6 +59,10 @@ class _Kernel:
         self._gemm = self.library.sb_gemm
         self._gemm.argtypes = [_PTR, _LONG, _PTR, _PTR, _PTR, _LONG, _LONG, _LONG, _LONG, _INT]
         self._gemm.restype = None
+        self._attention = self.library.sb_decode_attention
+        self._attention.argtypes = [_PTR, _LONG, _PTR, _PTR, _PTR, _PTR, _PTR, _LONG, _LONG,
+                                    _LONG, _LONG, _LONG, _LONG, _LONG, ctypes.c_float, _INT]
+        self._attention.restype = _INT
         self.library.sb_panel.restype = _LONG
         if self.library.sb_panel() != PANEL:
             raise RuntimeError("the built kernel's panel width does not match cpu_gemm.PANEL")
@@ -77,6 +86,35 @@ class _Kernel:
                    None if bias is None else bias.data_ptr(), y.data_ptr(), out_features,
                    rows, out_features, k, torch.get_num_threads())
         return y
+
+
+    def decode_attention(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+                         kv_rows: torch.Tensor, lengths: torch.Tensor, max_length: int,
+                         scale: float) -> torch.Tensor:
+        """Attention of one query token per row: ``q`` ``[B, heads, hd]`` (rows may be
+        strided, heads and dims contiguous) over cache rows ``kv_rows`` of ``keys`` and
+        ``values`` ``[rows, kv_heads, max_len, hd]`` (contiguous), row ``b`` seeing its
+        first ``lengths[b]`` (<= ``max_length``) positions; ``kv_rows`` and ``lengths``
+        are contiguous int64. Returns ``[B, heads, hd]``, as SDPA with a causal prefix
+        mask would."""
+        batch, heads, hd = q.shape
+        kv_heads = keys.shape[1]
+        if q.stride(2) != 1 or q.stride(1) != hd:
+            q = q.contiguous()
+        out = torch.empty(batch, heads, hd, dtype=torch.float32)
+        status = self._attention(
+            q.data_ptr(), q.stride(0), keys.data_ptr(), values.data_ptr(), kv_rows.data_ptr(),
+            lengths.data_ptr(), out.data_ptr(), batch, kv_heads, heads // kv_heads, hd,
+            keys.stride(0), keys.stride(1), max_length, scale, torch.get_num_threads())
+        if status != 0:
+            raise MemoryError("decode attention could not allocate its scratch space")
+        return out
+
+
+def attention_fits(q_heads: int, kv_heads: int, head_dim: int) -> bool:
+    """Whether the attention kernel takes this head layout."""
+    return (q_heads % kv_heads == 0 and q_heads // kv_heads <= MAX_GROUP
+            and head_dim % 8 == 0)
 
 
 def padded(n: int) -> int:
@@ -108,20 +146,20 @@ def _compiler_version(compiler: str) -> str:
 
 def _build(compiler: str) -> Path:
     """The compiled library, built now unless the cache already holds this exact build."""
-    source = SOURCE.read_bytes()
-    key = hashlib.sha256(b"\0".join([source, " ".join(FLAGS).encode(),
+    parts = [path.read_bytes() for path in SOURCES]
+    key = hashlib.sha256(b"\0".join([*parts, " ".join(FLAGS + LIBS).encode(),
                                      _compiler_version(compiler).encode()])).hexdigest()[:16]
     folder = cache_root() / "kernels"
-    target = folder / f"skinny_gemm-{key}.so"
+    target = folder / f"switchboard-kernels-{key}.so"
     if target.exists():
         return target
     folder.mkdir(parents=True, exist_ok=True)
     # Built under a temporary name, then renamed: processes starting together (replicas)
     # never load a half-written library.
-    fd, temporary = tempfile.mkstemp(prefix=".skinny_gemm-", suffix=".so", dir=folder)
+    fd, temporary = tempfile.mkstemp(prefix=".switchboard-kernels-", suffix=".so", dir=folder)
     os.close(fd)
     try:
-        done = subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", temporary],
+        done = subprocess.run([compiler, *FLAGS, *map(str, SOURCES), "-o", temporary, *LIBS],
                               capture_output=True, text=True, timeout=BUILD_TIMEOUT_S,
                               check=False)
         if done.returncode != 0:
@@ -147,6 +185,26 @@ def _check(kernel: _Kernel) -> None:
         if not torch.allclose(got, want, rtol=1e-4, atol=1e-4):
             error = (got - want).abs().max().item()
             raise RuntimeError(f"wrong results for {rows}x{k} @ {k}x{n} (max error {error:.3g})")
+    got, want = _attention_case(kernel, generator)
+    if not torch.allclose(got, want, rtol=1e-4, atol=1e-5):
+        error = (got - want).abs().max().item()
+        raise RuntimeError(f"wrong decode attention (max error {error:.3g})")
+
+
+def _attention_case(kernel: _Kernel, generator: torch.Generator
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(kernel, SDPA) for 5 rows of a 3-KV-head, 9-query-head cache, uneven lengths,
+    rows read out of order."""
+    keys = torch.randn(7, 3, 40, 16, generator=generator)
+    values = torch.randn(7, 3, 40, 16, generator=generator)
+    q = torch.randn(5, 12, 16, generator=generator)[:, :9]  # strided rows, as in the model
+    rows, lengths = torch.tensor([4, 0, 6, 2, 3]), torch.tensor([1, 17, 40, 9, 33])
+    got = kernel.decode_attention(q, keys, values, rows, lengths, 40, 0.25)
+    mask = torch.arange(40)[None, :] < lengths[:, None]
+    want = torch.nn.functional.scaled_dot_product_attention(
+        q.reshape(5, 3, 3, 16), keys[rows], values[rows], attn_mask=mask[:, None, None, :],
+        scale=0.25).reshape(5, 9, 16)
+    return got, want
 
 
 @functools.cache

@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from server.engine import cpu_gemm
 from server.engine.forward import (
     BatchedLlama,
     StepInput,
@@ -140,6 +141,11 @@ class _StepIndexes(_AttentionPlan):
         starts = [s.start for s in step.segments if s.length == 1]
         self.decode_count = len(starts)
         self.decode_is_prefix = starts == list(range(len(starts)))
+        # What the CPU attention kernel reads instead of a mask: each decoding row's
+        # visible length (its position + 1).
+        self.decode_lengths = torch.tensor(
+            [s.position + 1 for s in step.segments if s.length == 1], dtype=torch.int64
+        ) if runner.attention_kernel is not None and starts else None
 
 
 class FusedLlama(BatchedLlama):
@@ -194,6 +200,14 @@ class FusedLlama(BatchedLlama):
             self.sin_signed = torch.cat((-sin[0, :, :half], sin[0, :, half:]), dim=-1)
         self.compiled: CompiledDecoder | None = None
         """Set on the ``compiled`` path: pure decode steps go through its graphs."""
+        cache_keys = self.cache.keys[0]
+        self.attention_kernel = cpu_gemm.kernel() if (
+            gemm == "auto" and cache_keys.device.type == "cpu"
+            and cache_keys.dtype == torch.float32 and cache_keys.is_contiguous()
+            and cpu_gemm.attention_fits(self.num_heads, self.num_kv_heads, self.head_dim)
+        ) else None
+        """Decode attention on the project's CPU kernel (``decode_attention.c``): 1.3-2x
+        torch's SDPA here; None elsewhere (SDPA)."""
 
     @torch.inference_mode()
     def forward(self, step: StepInput) -> torch.Tensor:
@@ -263,6 +277,9 @@ class FusedLlama(BatchedLlama):
         them (query head ``h`` reads KV head ``h // group``).
         """
         length = idx.decode_len
+        if self.attention_kernel is not None and idx.decode_lengths is not None:
+            return self.attention_kernel.decode_attention(
+                q, keys, values, idx.decode_rows, idx.decode_lengths, length, scale)
         if idx.decode_slice is not None:
             k_d = keys[idx.decode_slice, :, :length]  # [B, kv_heads, L, hd] view
             v_d = values[idx.decode_slice, :, :length]
