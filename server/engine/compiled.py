@@ -1,12 +1,14 @@
 """The compiled decode path: pure decode steps through inductor graphs, weights frozen.
 
-Measured on this CPU (docs/benchmarks.md, "Decode"), the fused path's step is bound by
-GEMM kernels that read the weights at a third of the memory rate; inductor's C++ GEMM
-template, which needs the weights frozen as constants, reads them near the memory rate
-(one row: 42.9 ms per mixed step against 85.3 fused; at 16 rows 167 vs 190, at 64 it
-loses). Compiling costs 2-3.5 minutes per graph on 2 cores, so graphs are built in a
-background thread, one per *variant*: (batch bucket, loaded LoRA rank, targets in
-use). A step whose variant is not ready yet runs on the fused path (and asks for it); a
+Measured on this CPU (docs/benchmarks.md, "Decode"), the fused path's step on oneDNN
+is bound by GEMM kernels that read the weights at a third of the memory rate; inductor's
+C++ GEMM template, which needs the weights frozen as constants, reads them near the
+memory rate (one row: 42.9 ms per mixed step against 85.3 fused on oneDNN; at 16 rows
+167 vs 190, at 64 it loses). The fused path's own AVX2 kernels (``cpu_gemm``) have
+since reached that rate without compiling (one row: 36 ms), so this path is kept as an
+option, not the default. Compiling costs 2-3.5 minutes per graph on 2 cores, so graphs
+are built in a background thread, one per *variant*: (batch bucket, loaded LoRA rank,
+targets in use). A step whose variant is not ready yet runs on the fused path (and asks for it); a
 request never waits for a compile.
 
 A graph takes one decode token per row (rows padded to the bucket), the KV cache (read

@@ -46,7 +46,9 @@ class EngineConfig:
     A base the fused path cannot run (a quantized one) decodes eagerly, and says why.
     ``compiled`` (CPU only) also builds inductor graphs of the pure decode step in the
     background, 2-3.5 minutes of CPU each here, and uses each once ready: measured 2x
-    faster than ``fused`` for one row, 1.1x for 16, slower for 64 (docs/benchmarks.md)."""
+    faster than ``fused`` on oneDNN for one row, 1.1x for 16, slower for 64; ``fused`` on
+    the AVX2 kernels (``gemm: auto``) is faster than that one-row figure
+    (docs/benchmarks.md, "Decode")."""
     gemm: str = "auto"
     """The fused path's kernels on the CPU: ``auto`` (the project's AVX2 GEMM and decode
     attention, server/engine/skinny_gemm.c and decode_attention.c, built with the system

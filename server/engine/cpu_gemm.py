@@ -27,6 +27,7 @@ import platform
 import shutil
 import subprocess
 import tempfile
+import time
 from pathlib import Path
 
 import torch
@@ -218,8 +219,11 @@ def _load() -> tuple[_Kernel | None, str | None]:
     if compiler is None:
         return None, "no C compiler found ($CC, gcc or cc)"
     try:
-        kernel = _Kernel(_build(compiler))
+        started = time.perf_counter()
+        path = _build(compiler)
+        kernel = _Kernel(path)
         _check(kernel)
+        log.info("CPU kernels ready in %.2f s: %s", time.perf_counter() - started, path)
     except (OSError, RuntimeError, subprocess.SubprocessError) as exc:
         reason = f"{type(exc).__name__}: {exc}"
         log.warning("AVX2 GEMM kernel unavailable, using oneDNN: %s", reason)
