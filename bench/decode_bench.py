@@ -184,11 +184,11 @@ def decode_rounds(steppers: dict[str, Any], batch: int) -> dict[str, float]:
 def profile_step(engine: Engine, batch: int) -> None:
     from torch.profiler import ProfilerActivity, profile, record_function
 
-    from server.engine import cpu_gemm
+    from server.engine import cpu_kernels
 
     # The project's C kernels are ctypes calls, which torch.profiler does not see: label
     # them for this profile only (the product pays nothing for it).
-    kernel_class = cpu_gemm._Kernel
+    kernel_class = cpu_kernels._Kernel
     originals = {name: getattr(kernel_class, name) for name in ("matmul", "decode_attention")}
 
     def labelled(name: str, call: Any) -> Any:

@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from server.engine import cpu_gemm, packed_linear
+from server.engine import cpu_kernels, packed_linear
 from server.engine.packed_linear import (
     CHUNK_ROWS,
     PackedLinear,
@@ -44,7 +44,7 @@ def test_matches_f_linear_at_every_row_count(rows: int, gemm: str) -> None:
 
 def test_backend_follows_the_setting() -> None:
     weight = torch.randn(32, 8)
-    expected_auto = "avx2" if cpu_gemm.kernel() is not None else (
+    expected_auto = "avx2" if cpu_kernels.kernel() is not None else (
         "onednn" if onednn_available(weight) else "aten")
     assert gemm_backend(weight, "auto") == expected_auto
     assert gemm_backend(weight, "aten") == "aten"

@@ -4,7 +4,7 @@ Measured on this CPU (docs/benchmarks.md, "Decode"), the fused path's step on on
 is bound by GEMM kernels that read the weights at a third of the memory rate; inductor's
 C++ GEMM template, which needs the weights frozen as constants, reads them near the
 memory rate (one row: 42.9 ms per mixed step against 85.3 fused on oneDNN; at 16 rows
-167 vs 190, at 64 it loses). The fused path's own AVX2 kernels (``cpu_gemm``) have
+167 vs 190, at 64 it loses). The fused path's own AVX2 kernels (``cpu_kernels``) have
 since reached that rate without compiling (one row: 36 ms), so this path is kept as an
 option, not the default. Compiling costs 2-3.5 minutes per graph on 2 cores, so graphs
 are built in a background thread, one per *variant*: (batch bucket, loaded LoRA rank,

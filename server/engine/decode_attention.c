@@ -1,6 +1,6 @@
 /* Decode attention on the CPU: one query token per row, AVX2 + FMA, fp32.
  *
- * Built with skinny_gemm.c into one library by server/engine/cpu_gemm.py. Why: at a
+ * Built with skinny_gemm.c into one library by server/engine/cpu_kernels.py. Why: at a
  * decode step each row attends over its own cached keys with a few query heads per KV
  * head; torch's CPU SDPA (flash kernel) spends 0.2 ms per layer at 16 rows and 0.7-1.3 ms
  * at 64 on this machine for what is a few MB of K and V to read (docs/benchmarks.md).

@@ -30,7 +30,7 @@ from typing import Any
 
 import torch
 
-from server.engine import cpu_gemm
+from server.engine import cpu_kernels
 from server.engine.compiled import CompiledDecoder
 from server.engine.config import EngineConfig
 from server.engine.detokenizer import IncrementalDetokenizer
@@ -526,7 +526,7 @@ def choose_decode_path(model: torch.nn.Module, requested: str, gemm: str = "auto
     backend = gemm_backend(head.weight, gemm)
     kernel = BACKEND_NOTES[backend]
     if backend != "avx2" and gemm == "auto" and head.weight.device.type == "cpu":
-        kernel += f"; AVX2 kernel unavailable: {cpu_gemm.unavailable_reason()}"
+        kernel += f"; AVX2 kernel unavailable: {cpu_kernels.unavailable_reason()}"
     if requested == "compiled":
         if head.weight.device.type != "cpu":
             return "fused", f"fused ({kernel} GEMMs; compiled unavailable: CPU only so far)"

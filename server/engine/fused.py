@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from server.engine import cpu_gemm
+from server.engine import cpu_kernels
 from server.engine.forward import (
     BatchedLlama,
     StepInput,
@@ -201,10 +201,10 @@ class FusedLlama(BatchedLlama):
         self.compiled: CompiledDecoder | None = None
         """Set on the ``compiled`` path: pure decode steps go through its graphs."""
         cache_keys = self.cache.keys[0]
-        self.attention_kernel = cpu_gemm.kernel() if (
+        self.attention_kernel = cpu_kernels.kernel() if (
             gemm == "auto" and cache_keys.device.type == "cpu"
             and cache_keys.dtype == torch.float32 and cache_keys.is_contiguous()
-            and cpu_gemm.attention_fits(self.num_heads, self.num_kv_heads, self.head_dim)
+            and cpu_kernels.attention_fits(self.num_heads, self.num_kv_heads, self.head_dim)
         ) else None
         """Decode attention on the project's CPU kernel (``decode_attention.c``): 1.3-2x
         torch's SDPA here; None elsewhere (SDPA)."""

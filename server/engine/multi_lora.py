@@ -39,6 +39,14 @@ from server.errors import (
 NO_ADAPTER = -1
 
 
+def _rank_major(scales: torch.Tensor, rank: int, device: torch.device) -> torch.Tensor:
+    """``[tokens, slots]`` scales as the dense mask's rank-major columns ``[tokens,
+    rank * slots]`` (column ``r * slots + s`` is slot ``s``'s scale), on ``device``."""
+    tokens, slots = scales.shape
+    return scales.unsqueeze(1).expand(tokens, rank, slots).reshape(tokens, rank * slots) \
+        .to(device)
+
+
 @dataclass(frozen=True)
 class LoraSegment:
     """A run of tokens of one row: ``[start, end)`` all use ``slot`` at ``scale``."""
@@ -348,9 +356,7 @@ class LoraSlots:
             per_slot = torch.zeros(len(dense), self.num_slots, dtype=dtype)  # [dense, slots]
             for seg in adapted:
                 per_slot[dense[seg.start], seg.slot] += seg.scale
-            # rank-major columns: [dense, rank, slots] -> [dense, rank * slots]
-            mask = per_slot.unsqueeze(1).expand(len(dense), rank, self.num_slots) \
-                .reshape(len(dense), rank * self.num_slots).to(device)
+            mask = _rank_major(per_slot, rank, device)
             starts = list(dense)
             if starts != list(range(len(dense))):
                 index = torch.tensor(starts, device=device)
@@ -358,8 +364,7 @@ class LoraSlots:
             if len(used) < self.num_slots:
                 used_slots = tuple(used)
                 used_index = torch.tensor(used, device=device)
-                used_mask = per_slot[:, used].unsqueeze(1).expand(len(dense), rank, len(used)) \
-                    .reshape(len(dense), rank * len(used)).to(device)
+                used_mask = _rank_major(per_slot[:, used], rank, device)
         self.state.step = LoraStep(mask, index, rank, long, used_slots, used_index, used_mask)
 
     @property

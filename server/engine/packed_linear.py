@@ -3,7 +3,7 @@
 On this project's CPUs (AMD Zen 3, AVX2), ``F.linear`` goes through MKL's sgemm, which
 handles skinny decode shapes (a few rows times a wide weight) at a fraction of the
 memory bandwidth. Measured per shape (``docs/benchmarks.md``, "Decode"), the fastest is
-the project's own AVX2 kernel (``cpu_gemm``: 17-21 GB/s for one row, 1.1-1.6x oneDNN's
+the project's own AVX2 kernel (``cpu_kernels``: 17-21 GB/s for one row, 1.1-1.6x oneDNN's
 speed at 4-64 rows, even at 256); next is oneDNN with the weight reordered once into its
 blocked layout (1.5-3x MKL at 16-64 rows), the kernels inductor's CPU path emits with
 ``freezing=True``. ``gemm`` picks: ``auto`` takes the first that runs here, ``onednn``
@@ -23,7 +23,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from server.engine import cpu_gemm
+from server.engine import cpu_kernels
 from server.engine.config import GEMM_KERNELS
 
 EXACT_ROWS = 16
@@ -52,13 +52,13 @@ def onednn_available(weight: torch.Tensor) -> bool:
 
 def gemm_backend(weight: torch.Tensor, gemm: str = "auto") -> str:
     """The kernel :class:`PackedLinear` runs for ``weight`` under setting ``gemm``:
-    ``avx2`` (``cpu_gemm``), ``onednn`` or ``aten``."""
+    ``avx2`` (``cpu_kernels``), ``onednn`` or ``aten``."""
     if gemm not in GEMM_KERNELS:
         raise ValueError(f"gemm must be one of {', '.join(GEMM_KERNELS)}, got {gemm!r}")
     on_cpu_fp32 = weight.device.type == "cpu" and weight.dtype == torch.float32
     if gemm == "aten" or not on_cpu_fp32:
         return "aten"
-    if gemm == "auto" and cpu_gemm.kernel() is not None:
+    if gemm == "auto" and cpu_kernels.kernel() is not None:
         return "avx2"
     return "onednn" if onednn_available(weight) else "aten"
 
@@ -77,10 +77,10 @@ class PackedLinear:
         self.bias = bias
         # The packed copy replaces the plain one: keep only what the kernel reads.
         self.weight = weight
-        self._kernel = cpu_gemm.kernel() if self.backend == "avx2" else None
+        self._kernel = cpu_kernels.kernel() if self.backend == "avx2" else None
         if self._kernel is not None:
             self.weight = self._kernel.pack(weight)
-            self.bias = cpu_gemm.pad_bias(bias)
+            self.bias = cpu_kernels.pad_bias(bias)
         elif self.backend == "onednn":
             self.weight = torch.ops.mkldnn._reorder_linear_weight(weight.contiguous())
 

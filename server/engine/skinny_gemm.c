@@ -1,6 +1,6 @@
 /* y[m, n] = x[m, k] @ W[n, k]^T (+ bias): fp32 GEMM for decode shapes, AVX2 + FMA.
  *
- * Built by server/engine/cpu_gemm.py with the system C compiler and loaded with ctypes.
+ * Built by server/engine/cpu_kernels.py with the system C compiler and loaded with ctypes.
  * Why it exists: on this project's CPUs (AMD Zen 3) MKL and oneDNN stream the weights of
  * a decode step (1-64 rows times a wide weight) at 8-13 GB/s, about half the memory's
  * read rate; this kernel reads them at 17-21 GB/s for one row and is 1.1-1.6x faster at

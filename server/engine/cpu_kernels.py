@@ -66,7 +66,7 @@ class _Kernel:
         self._attention.restype = _INT
         self.library.sb_panel.restype = _LONG
         if self.library.sb_panel() != PANEL:
-            raise RuntimeError("the built kernel's panel width does not match cpu_gemm.PANEL")
+            raise RuntimeError("the built library's panel width does not match PANEL")
 
     def pack(self, weight: torch.Tensor) -> torch.Tensor:
         """``weight`` ``[n, k]`` in the kernel's panel layout (a new tensor)."""
@@ -87,7 +87,6 @@ class _Kernel:
                    None if bias is None else bias.data_ptr(), y.data_ptr(), out_features,
                    rows, out_features, k, torch.get_num_threads())
         return y
-
 
     def decode_attention(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
                          kv_rows: torch.Tensor, lengths: torch.Tensor, max_length: int,
@@ -226,16 +225,16 @@ def _load() -> tuple[_Kernel | None, str | None]:
         log.info("CPU kernels ready in %.2f s: %s", time.perf_counter() - started, path)
     except (OSError, RuntimeError, subprocess.SubprocessError) as exc:
         reason = f"{type(exc).__name__}: {exc}"
-        log.warning("AVX2 GEMM kernel unavailable, using oneDNN: %s", reason)
+        log.warning("CPU kernels unavailable, using oneDNN and SDPA: %s", reason)
         return None, reason
     return kernel, None
 
 
 def kernel() -> _Kernel | None:
-    """The loaded kernel, built on first call (None where it cannot run here)."""
+    """The loaded kernels, built on first call (None where they cannot run here)."""
     return _load()[0]
 
 
 def unavailable_reason() -> str | None:
-    """Why the kernel cannot run here (None: it can)."""
+    """Why the kernels cannot run here (None: they can)."""
     return _load()[1]
