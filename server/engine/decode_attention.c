@@ -18,9 +18,12 @@
 
 /* e^x for x <= 0 (scores minus their max), 8 at a time: x = n ln2 + r, |r| <= ln2 / 2,
  * e^r by a degree-6 polynomial (Cephes expf), 2^n through the exponent bits. Relative
- * error ~1e-7, as libm's; inputs below -87 give 0 (e^-87 ~ 1.6e-38). */
+ * error ~1e-7, as libm's; inputs below -87 give ~0 (e^-87 ~ 1.6e-38). NaN gives NaN, as
+ * expf does in the scalar tail: maxps returns its second operand when either is NaN, so x
+ * goes second (the other order turned a NaN score into a weight of ~0 in the vector part
+ * only). */
 static inline __m256 exp_neg(__m256 x) {
-    x = _mm256_max_ps(x, _mm256_set1_ps(-87.0f));
+    x = _mm256_max_ps(_mm256_set1_ps(-87.0f), x);
     const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
                                      _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
     __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
@@ -43,11 +46,20 @@ static inline float hsum(__m256 v) {
     return _mm_cvtss_f32(_mm_add_ss(t, _mm_shuffle_ps(t, t, 0x55)));
 }
 
-/* Returns 0, or -1 if a scratch buffer could not be allocated (nothing written then). */
+/* Returns 0; -1 if a scratch buffer could not be allocated; -2 if a length is outside
+ * 0..max_length (the scratch rows' size), -3 if a row is outside 0..cache_rows - 1 (checked
+ * first: B compares, where the Python caller would have to read both tensors). Nothing is
+ * written unless it returns 0. The caller checks the rest: group <= 16, hd a multiple of
+ * 8, max_length within the cache. */
 int sb_decode_attention(const float* q, long q_row, const float* keys, const float* values,
                         const long* kv_rows, const long* lengths, float* out, long batch,
                         long kv_heads, long group, long hd, long row_stride,
-                        long head_stride, long max_length, float scale, int threads) {
+                        long head_stride, long cache_rows, long max_length, float scale,
+                        int threads) {
+    for (long b = 0; b < batch; b++) {
+        if (lengths[b] < 0 || lengths[b] > max_length) return -2;
+        if (kv_rows[b] < 0 || kv_rows[b] >= cache_rows) return -3;
+    }
     int failed = 0;
     #pragma omp parallel num_threads(threads) reduction(| : failed)
     {

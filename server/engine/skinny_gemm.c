@@ -128,8 +128,9 @@ static inline __attribute__((always_inline)) void panel_rows(
     }
 }
 
-/* x: rows of k floats, ldx apart; y: rows of n floats, ldy apart; bias: NULL or
- * ceil(n / PANEL) * PANEL floats (zero-padded). */
+/* x: rows of k floats, ldx apart; y: rows of n floats, ldy apart; p: sb_pack's output for
+ * this n and k, 32-byte aligned (its loads are aligned); bias: NULL or ceil(n / PANEL) *
+ * PANEL floats (zero-padded). Nothing here checks them: the Python wrapper does. */
 void sb_gemm(const float* x, long ldx, const float* p, const float* bias, float* y,
              long ldy, long m, long n, long k, int threads) {
     const long panels = (n + PANEL - 1) / PANEL;
