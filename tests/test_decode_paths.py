@@ -222,3 +222,82 @@ def test_compiled_path_matches_eager_once_its_graphs_are_ready(tiny_model_dir: P
                 for ref, ours in zip(eager, fused, strict=True) if ref.token_ids == ours.token_ids
                 for a, b in zip(ref.logits, ours.logits, strict=True))
     assert worst <= 1e-3, f"compiled and eager logits differ by {worst:.2e}"
+
+
+def build_biased_llama(folder: Path, model_dir: Path, tokenizer) -> Path:
+    """The tiny LLaMA with a bias on every projection (``attention_bias`` and ``mlp_bias``,
+    as some HF bases have; Qwen2 has q/k/v biases), each random: transformers initialises
+    biases to zero, which a path that drops them would still match."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig.from_pretrained(model_dir)
+    config.attention_bias, config.mlp_bias = True, True
+    torch.manual_seed(5)
+    model = LlamaForCausalLM(config)
+    with torch.no_grad():
+        biases = [m.bias for m in model.modules()
+                  if isinstance(m, torch.nn.Linear) and m.bias is not None]
+        assert len(biases) == 7 * config.num_hidden_layers
+        for bias in biases:
+            bias.normal_(std=0.5)
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def decode_biased(model_dir: Path, decode: str, gemm: str, prompts: list[list[int]],
+                  forced: list[list[int]] | None) -> tuple[list, str, int]:
+    """Greedy (or teacher-forced) runs of ``prompts`` in one batch on ``decode``: the
+    results, the path the engine took and how many steps went through compiled graphs."""
+    loaded = load_base_model(model_dir, dtype="float32")
+    engine = Engine(loaded.model, loaded.tokenizer, EngineConfig(
+        max_batch_size=2, max_model_len=64, max_loras=1, decode=decode, gemm=gemm,
+        compiled_batch_sizes=(2,)))
+    try:
+        compiled = getattr(engine.runner, "compiled", None)
+        if compiled is not None:  # the one base graph, before any step needs it
+            assert compiled.wait_ready([compiled.variant(2, False)], timeout=900), \
+                compiled.failures
+        handles = [engine.submit(GenerationRequest(
+            ids, SamplingParams(max_new_tokens=6, ignore_eos=True),
+            forced_tokens=None if forced is None else forced[i], record_logits=True))
+            for i, ids in enumerate(prompts)]
+        results = [h.result(timeout=600) for h in handles]
+        return results, engine.decode_path, 0 if compiled is None else compiled.steps_run
+    finally:
+        engine.stop()
+
+
+@pytest.mark.parametrize(("decode", "gemm"), [
+    ("fused", "auto"), ("fused", "onednn"), ("fused", "aten"), ("compiled", "auto")])
+def test_projection_biases_count_on_every_decode_path(decode: str, gemm: str,
+                                                      tiny_model_dir: Path, tokenizer,
+                                                      tmp_path: Path) -> None:
+    """A base with ``attention_bias`` and ``mlp_bias`` (random, non-zero) decodes to the
+    eager path's logits on the fused path's GEMM kernels and through the compiled graph,
+    which once took only the weights and dropped every bias."""
+    from transformers import AutoModelForCausalLM
+
+    model_dir = build_biased_llama(tmp_path / "biased", tiny_model_dir, tokenizer)
+    prompts = [tokenizer.encode(text, add_special_tokens=False)
+               for text in ("The weather today is", "Order number 4471 was delivered to")]
+    # The biases matter: zeroing them moves the reference's logits.
+    hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    with torch.no_grad():
+        ids = torch.tensor([prompts[0]])
+        with_bias = hf(ids).logits
+        for module in hf.modules():
+            if isinstance(module, torch.nn.Linear) and module.bias is not None:
+                module.bias.zero_()
+        assert (hf(ids).logits - with_bias).abs().max() > 0.05
+    eager, eager_path, _ = decode_biased(model_dir, "eager", gemm, prompts, None)
+    ours, path, steps_run = decode_biased(model_dir, decode, gemm, prompts,
+                                          [list(r.token_ids) for r in eager])
+    assert (eager_path, path) == ("eager", decode)
+    if decode == "compiled":
+        assert steps_run > 0, "no step went through the compiled graph"
+    for ref, res in zip(eager, ours, strict=True):
+        assert res.token_ids == ref.token_ids
+        worst = max(float((a - b).abs().max())
+                    for a, b in zip(ref.logits, res.logits, strict=True))
+        assert worst <= 1e-4, f"{decode} ({gemm}) and eager logits differ by {worst:.2e}"

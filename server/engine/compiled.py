@@ -43,7 +43,8 @@ VariantKey = tuple[int, int, tuple[str, ...]]  # (bucket, rank, targets in use)
 
 
 class _DecodeGraph(nn.Module):
-    """One decode step of ``bucket`` rows; the model's weights are its (frozen) parameters."""
+    """One decode step of ``bucket`` rows; the model's weights and biases are its (frozen)
+    parameters."""
 
     def __init__(self, runner: FusedLlama, kinds: tuple[str, ...], rank: int) -> None:
         super().__init__()
@@ -56,18 +57,28 @@ class _DecodeGraph(nn.Module):
         self.qkv, self.o = nn.ParameterList(), nn.ParameterList()
         self.gate_up, self.down = nn.ParameterList(), nn.ParameterList()
         self.norm1, self.norm2 = nn.ParameterList(), nn.ParameterList()
+        biases: dict[str, list[torch.Tensor | None]] = {group: [] for group in FUSED_GROUPS}
         for layer in inner.layers:
             attn, mlp = layer.self_attn, layer.mlp
-            self.qkv.append(frozen(_fused_weight(
-                [_base_linear(getattr(attn, k)) for k in FUSED_GROUPS["qkv"]])[0]))
-            self.o.append(frozen(_base_linear(attn.o_proj).weight))
-            self.gate_up.append(frozen(_fused_weight(
-                [_base_linear(getattr(mlp, k)) for k in FUSED_GROUPS["gate_up"]])[0]))
-            self.down.append(frozen(_base_linear(mlp.down_proj).weight))
+            for group, group_kinds in FUSED_GROUPS.items():
+                parent = attn if group in ("qkv", "o") else mlp
+                weight, bias = _fused_weight([_base_linear(getattr(parent, k))
+                                              for k in group_kinds])
+                getattr(self, group).append(frozen(weight))
+                biases[group].append(bias)
             self.norm1.append(frozen(layer.input_layernorm.weight))
             self.norm2.append(frozen(layer.post_attention_layernorm.weight))
+        # A base with projection biases (``attention_bias``, ``mlp_bias``, Qwen2's q/k/v)
+        # adds them here as the fused path does; None where a group has none (the graph
+        # then has no add for it).
+        self.qkv_bias = _bias_list(biases["qkv"])
+        self.o_bias = _bias_list(biases["o"])
+        self.gate_up_bias = _bias_list(biases["gate_up"])
+        self.down_bias = _bias_list(biases["down"])
         self.final_norm = frozen(inner.norm.weight)
-        self.head = frozen(runner.model.lm_head.weight)
+        head = runner.model.lm_head
+        self.head = frozen(head.weight)
+        self.head_bias = None if head.bias is None else frozen(head.bias)
         self.cos = frozen(runner.cos)
         self.sin = frozen(runner.sin_signed)
         self.heads, self.kv_heads, self.head_dim = (runner.num_heads, runner.num_kv_heads,
@@ -111,7 +122,8 @@ class _DecodeGraph(nn.Module):
             adapters = [(col, lora_a[i * per_layer + j], lora_b[i * per_layer + j])
                         for j, col in enumerate(self.lora_columns)]
             h = F.rms_norm(hidden, (width,), self.norm1[i], self.eps)
-            qkv = _with_lora(F.linear(h, self.qkv[i]), h, "qkv", adapters, lora_mask)
+            qkv = _with_lora(F.linear(h, self.qkv[i], _at(self.qkv_bias, i)), h, "qkv",
+                             adapters, lora_mask)
             qkv = qkv.view(rows, heads + 2 * kv_heads, hd)
             qk = qkv[:, : heads + kv_heads]
             qk = qk * cos + qk.roll(hd // 2, dims=-1) * sin
@@ -126,16 +138,32 @@ class _DecodeGraph(nn.Module):
             out = F.scaled_dot_product_attention(
                 q, k_all, v_all, attn_mask=mask[:, None, None, :], scale=self.scaling,
             ).reshape(rows, heads * hd)
-            hidden = hidden + _with_lora(F.linear(out, self.o[i]), out, "o", adapters,
-                                         lora_mask)
+            o = F.linear(out, self.o[i], _at(self.o_bias, i))
+            hidden = hidden + _with_lora(o, out, "o", adapters, lora_mask)
             h = F.rms_norm(hidden, (width,), self.norm2[i], self.eps)
-            gate_up = _with_lora(F.linear(h, self.gate_up[i]), h, "gate_up", adapters,
-                                 lora_mask)
+            gate_up = F.linear(h, self.gate_up[i], _at(self.gate_up_bias, i))
+            gate_up = _with_lora(gate_up, h, "gate_up", adapters, lora_mask)
             act = F.silu(gate_up[:, : self.intermediate]) * gate_up[:, self.intermediate :]
-            hidden = hidden + _with_lora(F.linear(act, self.down[i]), act, "down", adapters,
-                                         lora_mask)
+            down = F.linear(act, self.down[i], _at(self.down_bias, i))
+            hidden = hidden + _with_lora(down, act, "down", adapters, lora_mask)
         final = F.rms_norm(hidden, (width,), self.final_norm, self.eps)
-        return F.linear(final, self.head), new_keys, new_values
+        return F.linear(final, self.head, self.head_bias), new_keys, new_values
+
+
+def _bias_list(biases: list[torch.Tensor | None]) -> nn.ParameterList | None:
+    """Each layer's (frozen) bias of one fused group; None when no layer has one."""
+    if all(b is None for b in biases):
+        return None
+    # ``_fused_weight`` gives a layer without a bias None while another layer has one.
+    return nn.ParameterList(
+        nn.Parameter(torch.zeros_like(next(x for x in biases if x is not None))
+                     if b is None else b.detach(), requires_grad=False)
+        for b in biases)
+
+
+def _at(biases: nn.ParameterList | None, layer: int) -> torch.Tensor | None:
+    """Layer ``layer``'s bias in ``biases`` (None: the group has none)."""
+    return None if biases is None else biases[layer]
 
 
 def _with_lora(y: torch.Tensor, x: torch.Tensor, group: str,
