@@ -19,7 +19,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from server.engine import cpu_kernels
+from server.engine import cpu_kernels, kernel_library
 from server.engine.config import EngineConfig
 from server.errors import InvalidOption
 
@@ -77,14 +77,14 @@ def test_one_openmp_runtime_in_the_process() -> None:
 @needs_kernel
 def test_the_build_is_cached_by_source_and_compiler(tmp_path, monkeypatch) -> None:
     monkeypatch.setenv("SWITCHBOARD_CACHE_DIR", str(tmp_path))
-    compiler = cpu_kernels._compiler()
+    compiler = kernel_library.find_compiler()
     assert compiler is not None
-    built = cpu_kernels._build(compiler)
+    built = kernel_library.build(compiler)
     os.close(built.fd)
     first = built.path
     assert first is not None and first.parent == tmp_path / "kernels" and first.exists()
     stamp = first.stat().st_mtime_ns
-    again = cpu_kernels._build(compiler)
+    again = kernel_library.build(compiler)
     os.close(again.fd)
     assert again.path == first and first.stat().st_mtime_ns == stamp
     record = first.with_suffix(".sha256")
@@ -101,7 +101,7 @@ def test_a_failed_build_is_a_reason_not_a_crash(tmp_path, monkeypatch) -> None:
     monkeypatch.setenv("SWITCHBOARD_CACHE_DIR", str(tmp_path))
     broken = tmp_path / "broken.c"
     broken.write_text("this is not C\n")
-    monkeypatch.setattr(cpu_kernels, "SOURCES", (broken,))
+    monkeypatch.setattr(kernel_library, "SOURCES", (broken,))
     cpu_kernels._load.cache_clear()
     try:
         kernel, reason = cpu_kernels._load()
@@ -117,7 +117,7 @@ def test_a_failed_build_is_a_reason_not_a_crash(tmp_path, monkeypatch) -> None:
 def test_no_compiler_falls_back_to_onednn_and_says_why(monkeypatch) -> None:
     from server.engine.packed_linear import PackedLinear, onednn_available
 
-    monkeypatch.setattr(cpu_kernels, "_compiler", lambda: None)
+    monkeypatch.setattr(kernel_library, "find_compiler", lambda: None)
     cpu_kernels._load.cache_clear()
     try:
         assert cpu_kernels.kernel() is None
@@ -158,7 +158,7 @@ def _plant(tmp_path: Path, compiler: str) -> tuple[Path, Path]:
     source.write_text(PLANTED)
     folder = tmp_path / "cache" / "kernels"
     folder.mkdir(parents=True, mode=0o700)
-    target = folder / cpu_kernels.library_name(compiler)
+    target = folder / kernel_library.library_name(compiler)
     subprocess.run([compiler, "-shared", "-fPIC", f'-DMARKER="{marker}"', str(source), "-o",
                     str(target)], check=True, capture_output=True)
     target.chmod(0o500)
@@ -187,7 +187,7 @@ def _load_refusing(load, marker: Path) -> tuple:
 
 
 def _compiler() -> str:
-    compiler = cpu_kernels._compiler()
+    compiler = kernel_library.find_compiler()
     assert compiler is not None
     return compiler
 
@@ -204,7 +204,7 @@ def test_a_planted_library_is_rebuilt_not_loaded(tmp_path, fresh_load, caplog,
         digest_record.unlink()
     else:
         digest_record.write_text(hashlib.sha256(b"something else").hexdigest())
-    with caplog.at_level(logging.WARNING, logger=cpu_kernels.__name__):
+    with caplog.at_level(logging.WARNING, logger=kernel_library.__name__):
         kernel, reason = _load_refusing(fresh_load, marker)
     assert kernel is not None and reason is None
     assert "rebuilding" in caplog.text and "digest" in caplog.text
@@ -221,7 +221,7 @@ def test_a_cache_folder_others_can_write_is_not_used(tmp_path, fresh_load, caplo
     target, marker = _plant(tmp_path, compiler)
     target.parent.chmod(mode)
     before = sorted(p.name for p in target.parent.iterdir())
-    with caplog.at_level(logging.WARNING, logger=cpu_kernels.__name__):
+    with caplog.at_level(logging.WARNING, logger=kernel_library.__name__):
         kernel, reason = _load_refusing(fresh_load, marker)
     assert kernel is not None and reason is None  # built privately instead
     assert f"is writable by {who}" in caplog.text and "private" in caplog.text
@@ -238,7 +238,7 @@ def test_a_cache_entry_of_another_owner_is_refused(tmp_path, fresh_load, caplog,
     path = {"folder": target.parent, "library": target,
             "digest record": target.with_suffix(".sha256")}[owned]
     os.chown(path, 4242, 4242)
-    with caplog.at_level(logging.WARNING, logger=cpu_kernels.__name__):
+    with caplog.at_level(logging.WARNING, logger=kernel_library.__name__):
         kernel, reason = _load_refusing(fresh_load, marker)
     assert kernel is not None and reason is None
     assert "belongs to uid 4242" in caplog.text
@@ -251,8 +251,8 @@ def test_a_cache_of_another_owner_is_refused_without_root(tmp_path, fresh_load, 
                                                           monkeypatch) -> None:
     compiler = _compiler()
     _, marker = _plant(tmp_path, compiler)
-    monkeypatch.setattr(cpu_kernels, "_owner", lambda: os.geteuid() + 1)
-    with caplog.at_level(logging.WARNING, logger=cpu_kernels.__name__):
+    monkeypatch.setattr(kernel_library, "_owner", lambda: os.geteuid() + 1)
+    with caplog.at_level(logging.WARNING, logger=kernel_library.__name__):
         kernel, reason = _load_refusing(fresh_load, marker)
     assert kernel is not None and reason is None
     assert f"belongs to uid {os.geteuid()}" in caplog.text and "private" in caplog.text
@@ -265,8 +265,8 @@ def test_a_cache_that_cannot_be_written_builds_privately(tmp_path, fresh_load, c
     def unwritable(folder: Path):
         raise PermissionError(13, "Permission denied", str(folder / ".lock"))
 
-    monkeypatch.setattr(cpu_kernels, "_locked", unwritable)
-    with caplog.at_level(logging.WARNING, logger=cpu_kernels.__name__):
+    monkeypatch.setattr(kernel_library, "_locked", unwritable)
+    with caplog.at_level(logging.WARNING, logger=kernel_library.__name__):
         kernel, reason = fresh_load()
     assert kernel is not None and reason is None and kernel.path is None
     assert "PermissionError" in caplog.text and "private" in caplog.text
