@@ -66,3 +66,47 @@ def test_retention_reports_the_cost_per_scale(generator) -> None:
     assert zero["mandarin_chrf_drop"] == 0 and zero["english_chrf_drop"] == 0
     assert zero["perplexity_increase_pct"] == pytest.approx(0, abs=1e-3)
     assert loud["perplexity_increase_pct"] > 5, report  # a loud random adapter costs
+
+
+def test_a_row_too_long_to_submit_leaves_no_lease_held(generator) -> None:
+    """One control row longer than max_model_len makes the retention run fail at submit;
+    the runs it already started are cancelled and every lease, the failed row's too, is
+    given back (none would be otherwise: the adapter would stay pinned for good)."""
+    from server.errors import InvalidRequest
+    from tests.polling import wait_for
+    from trainer.rows import Row
+
+    sets = load_control_sets()
+    long_row = Row(text="侬今朝吃饭伐? " * 200, label="x", where="test:1")
+    sets = type(sets)(mandarin=[*sets.mandarin[:3], long_row], english=sets.english[:3],
+                      text=sets.text[:600])
+    with pytest.raises(InvalidRequest, match="exceeds max_model_len"):
+        retention(generator, sets, "Translate: {text}\n", "loud", [1.0], window=WINDOW)
+    wait_for(lambda: generator.cache.usage()["version_pins"] == 0, timeout=60)
+    usage = generator.cache.usage()
+    assert usage["slot_pins"] == 0 and usage["version_pins"] == 0
+    # and the generator still serves
+    assert perplexity(generator, generator.tokenizer.encode(
+        sets.text, add_special_tokens=False)[:WINDOW], "loud", 1.0, window=WINDOW) > 0
+
+
+@pytest.mark.parametrize("case", ["too-long", "unknown-composed"])
+def test_a_failed_submit_gives_back_every_lease(generator, case) -> None:
+    """EngineGenerator.submit (retention, make eval, composition eval) takes an adapter
+    lease per row before the engine takes the row: a row the engine refuses, or a
+    composed adapter that cannot load, must not leave leases held, and the rows already
+    started are cancelled."""
+    from server.errors import AdapterNotFound, InvalidRequest
+    from tests.polling import wait_for
+
+    ok = generator.tokenizer.encode("Translate: 侬好\n", add_special_tokens=False)
+    if case == "too-long":
+        prompts, composed = [ok, ok, ok * 40], ()
+        error: type[Exception] = InvalidRequest
+    else:
+        prompts, composed = [ok, ok], (("ghost", 0.5),)
+        error = AdapterNotFound
+    with pytest.raises(error):
+        generator.submit(prompts, "loud", 1.0, composed=composed)
+    wait_for(lambda: generator.cache.usage()["version_pins"] == 0, timeout=60)
+    assert generator.cache.usage()["slot_pins"] == 0

@@ -37,10 +37,16 @@ from typing import Any
 
 from server.basemodel import load_base_model
 from server.formats.files import replace_marked_block
-from server.formats.manifest import MANIFEST_FILE, read_manifest, write_manifest
+from server.formats.manifest import (
+    MANIFEST_FILE,
+    adapter_version,
+    read_manifest,
+    write_manifest,
+)
 from server.formats.prompt import build_prompt, render_prompt
 from server.service.config import REPO_ROOT
 from trainer.config import load_train_config
+from trainer.publish import model_card
 from trainer.retention import load_control_sets
 from trainer.rows import Row, read_rows
 from trainer.scale_choice import RetentionLimits, plot_scale_curve, scale_curve, summary_line
@@ -81,7 +87,7 @@ def scale_settings(folder: Path) -> tuple[RetentionLimits, list[float], int | No
         else None
     if config is None:
         return RetentionLimits(), sorted({*SCALES, 1.0}), None
-    limits = RetentionLimits(config.max_control_chrf_drop, config.max_perplexity_increase_pct)
+    limits = RetentionLimits.from_config(config)
     return limits, sorted({*config.scale_candidates, 1.0}), config.control_samples or None
 
 
@@ -101,9 +107,22 @@ def measure_scale_curve(gen: EngineGenerator, name: str) -> dict[str, Any]:
     return curve
 
 
+def chosen_metrics(curve: dict[str, Any], scale: float) -> dict[str, float]:
+    """The manifest's figures at ``scale``, as the trainer records them at the scale it
+    publishes: a manifest's ``val_chrf`` is always at its ``default_weight_scale``."""
+    point = curve["by_scale"][f"{scale:g}"]
+    out = {"weight_scale": scale, "val_chrf": point["val_chrf"],
+           "control_mandarin_chrf_drop": point["mandarin_chrf_drop"],
+           "control_english_chrf_drop": point["english_chrf_drop"],
+           "perplexity_increase_pct": point["perplexity_increase_pct"]}
+    if "domain_perplexity_increase_pct" in point:
+        out["domain_perplexity_increase_pct"] = point["domain_perplexity_increase_pct"]
+    return out
+
+
 def choose_scale(gen: EngineGenerator, name: str, curve: dict[str, Any]) -> float:
-    """Write the curve's chosen scale into the manifest (kept as is when none is within
-    the limits)."""
+    """Write the curve's chosen scale into the manifest, with the figures at it (kept as is
+    when none is within the limits); the model card follows."""
     folder = ROOT / name
     manifest = read_manifest(folder / MANIFEST_FILE)
     chosen = curve["chosen_scale"]
@@ -111,9 +130,14 @@ def choose_scale(gen: EngineGenerator, name: str, curve: dict[str, Any]) -> floa
         print(f"{name}: {curve['choice']}; default_weight_scale stays "
               f"{manifest.default_weight_scale:g}", flush=True)
         return manifest.default_weight_scale
-    if chosen != manifest.default_weight_scale:
-        write_manifest(folder, replace(manifest, default_weight_scale=chosen))
+    metrics = {**manifest.metrics, **chosen_metrics(curve, float(chosen))}
+    if chosen != manifest.default_weight_scale or metrics != manifest.metrics:
+        write_manifest(folder, replace(manifest, default_weight_scale=chosen, metrics=metrics))
         gen.cache.reload(name)  # the manifest changed: a new version
+        if (folder / "train.yaml").exists():
+            card = model_card(load_train_config(folder / "train.yaml"), metrics,
+                              adapter_version(folder), float(chosen))
+            (folder / "README.md").write_text(card, encoding="utf-8")
     print(f"{name}: {curve['choice']}; default_weight_scale = {chosen:g}", flush=True)
     return float(chosen)
 
@@ -190,13 +214,15 @@ def table(results: list[dict[str, Any]]) -> str:
 def curve_table(results: list[dict[str, Any]]) -> str:
     """Validation chrF and retention per scale, each adapter's chosen scale in bold."""
     lines = ["| adapter | weight_scale | val chrF | Mandarin control chrF (Δ) | "
-             "English control chrF (Δ) | perplexity (Δ) | within limits |",
-             "| --- | --- | --- | --- | --- | --- | --- |"]
+             "English control chrF (Δ) | in-domain perplexity (Δ) | general-prose "
+             "perplexity (Δ) | within limits |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for result in results:
         curve, name = result["scale_curve"], result["adapter"]
         base = curve["base"]
         lines.append(f"| {name} | base model | {base['val_chrf']:.1f} | "
                      f"{base['mandarin_chrf']:.1f} | {base['english_chrf']:.1f} | "
+                     f"{base.get('domain_perplexity', float('nan')):.2f} | "
                      f"{base['perplexity']:.2f} | |")
         for key in sorted(curve["by_scale"], key=float):
             p = curve["by_scale"][key]
@@ -205,8 +231,10 @@ def curve_table(results: list[dict[str, Any]]) -> str:
             lines.append(
                 f"| {name} | {scale} | {p['val_chrf']:.1f} | {p['mandarin_chrf']:.1f} "
                 f"({-p['mandarin_chrf_drop']:+.1f}) | {p['english_chrf']:.1f} "
-                f"({-p['english_chrf_drop']:+.1f}) | {p['perplexity']:.2f} "
-                f"({p['perplexity_increase_pct']:+.1f}%) | "
+                f"({-p['english_chrf_drop']:+.1f}) | "
+                f"{p.get('domain_perplexity', float('nan')):.2f} "
+                f"({p.get('domain_perplexity_increase_pct', float('nan')):+.1f}%) | "
+                f"{p['perplexity']:.2f} ({p['perplexity_increase_pct']:+.1f}%) | "
                 f"{'yes' if p['within_limits'] else 'no'} |")
     return "\n".join(lines)
 
@@ -230,13 +258,20 @@ def update_readme(results: list[dict[str, Any]]) -> None:
     readme = ROOT / "README.md"
     limits = results[0]["scale_curve"]["limits"]
     plots = " ".join(f"![{r['adapter']}]({r['adapter']}/scale.png)" for r in results)
+    rules = []
+    for key, what in (("max_domain_perplexity_increase_pct", "in-domain"),
+                      ("max_general_perplexity_increase_pct", "general-prose")):
+        limit = limits.get(key)
+        rules.append(f"{what} perplexity reported, not binding" if limit is None
+                     else f"{what} perplexity increase ≤ {limit:g}%")
     block = (f"{TABLE_BEGIN}\n\n{table(results)}\n\n"
              f"Validation chrF (`data/val.csv`) and retention by `weight_scale`: chrF on the "
-             f"control sets through the adapter's template (Δ against the base model) and "
-             f"perplexity on the general text; limits (each adapter's `train.yaml`): control "
-             f"chrF drop ≤ {limits['max_control_chrf_drop']:g} points, perplexity increase ≤ "
-             f"{limits['max_perplexity_increase_pct']:g}%. The chosen scale is the one the "
-             f"manifest serves by default.\n\n{curve_table(results)}\n\n{plots}\n\n"
+             f"control sets through the adapter's template (Δ against the base model), "
+             f"perplexity on the in-domain dialogue and on general prose; limits (each "
+             f"adapter's `train.yaml`, the trainer's defaults): control chrF drop ≤ "
+             f"{limits['max_control_chrf_drop']:g} points, {rules[0]}, {rules[1]}. The "
+             f"chosen scale is the one the manifest serves by default.\n\n"
+             f"{curve_table(results)}\n\n{plots}\n\n"
              f"Samples (default scale; outputs cut at the first newline):\n"
              f"{samples_markdown(results)}\n\n{TABLE_END}")
     replace_marked_block(readme, TABLE_BEGIN, TABLE_END, block, "Evaluation on the test sets")

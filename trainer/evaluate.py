@@ -1,23 +1,38 @@
 """End-of-run evaluation: validation chrF/BLEU of the base model and of the new adapter,
 the scale curve (validation chrF and retention per ``weight_scale``, the scale chosen),
-all through ``trainer.scoring`` (the server's engine, as ``make eval``), and the loss
-curve."""
+the published version's validation chrF at its own scale (for the publish gate: like
+with like), all through ``trainer.scoring`` (the server's engine, as ``make eval``), and
+the loss curve."""
 
 from __future__ import annotations
 
+import json
+import shutil
+import tempfile
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from server.formats.manifest import (
+    ADAPTER_CONFIG_FILE,
+    ADAPTER_WEIGHTS_FILE,
+    MANIFEST_FILE,
+    adapter_version,
+    read_manifest,
+)
 from server.formats.prompt import build_prompt
 from trainer.config import TrainConfig
-from trainer.retention import PERPLEXITY_WINDOW, load_control_sets
+from trainer.publish import PublishedScore
+from trainer.retention import PERPLEXITY_WINDOW, ControlSets, load_control_sets
 from trainer.rows import Row
 from trainer.scale_choice import RetentionLimits, scale_curve, summary_line
 from trainer.scoring import EngineGenerator, scores
+
+PUBLISHED = "published"
+"""The published version's name in the run's comparison root (a copy of its weights)."""
 
 
 @dataclass(frozen=True)
@@ -30,15 +45,20 @@ class RunEvaluation:
     weight_scale: float
     retention_problem: str | None
     """Why no measured scale keeps the base's abilities within the limits, or None."""
+    published: PublishedScore | None = None
+    """The published version measured now on the same rows, at its own scale."""
 
 
 def evaluate_run(model: torch.nn.Module, tokenizer: Any, base_fingerprint: str,
                  adapter_dir: Path, rows: list[Row], config: TrainConfig, max_lora_rank: int,
-                 report: Callable[[str], None] = print) -> RunEvaluation:
+                 report: Callable[[str], None] = print,
+                 published: Path | None = None) -> RunEvaluation:
     """Score ``adapter_dir`` on the validation ``rows`` and, unless ``control_samples``
     is 0, measure the scale curve (validation chrF and retention at every candidate
     scale) and choose the scale. ``model`` is the plain base (no PEFT layers); the engine
-    takes it over."""
+    takes it over. ``published`` is the folder of the version this run would replace
+    (see ``trainer.publish.comparable_version``): it is scored on the same rows, at the
+    scale its manifest serves, with its template, after the curve."""
     template = config.prompt_template
     prompts = [build_prompt(template, row.text, tokenizer) for row in rows]
     longest = max(len(p) for p in prompts) + config.eval_max_new_tokens
@@ -48,20 +68,57 @@ def evaluate_run(model: torch.nn.Module, tokenizer: Any, base_fingerprint: str,
         controls = sets.mandarin[: config.control_samples] + sets.english[: config.control_samples]
         longest = max(longest, PERPLEXITY_WINDOW + 1, config.eval_max_new_tokens + max(
             len(build_prompt(template, row.text, tokenizer)) for row in controls))
-    generator = EngineGenerator(model, tokenizer, base_fingerprint, [adapter_dir.parent],
-                                config.eval_max_new_tokens, max_loras=1,
-                                max_lora_rank=max_lora_rank, max_model_len=longest)
-    try:
-        if sets is None:
-            return _without_retention(generator, prompts, rows, adapter_dir.name, config)
-        scales = sorted({*config.scale_candidates, 1.0} | (
-            set() if config.choose_scale else {config.default_weight_scale}))
-        limits = RetentionLimits(config.max_control_chrf_drop,
-                                 config.max_perplexity_increase_pct)
-        curve = scale_curve(generator, template, adapter_dir.name, rows, sets, scales, limits,
-                            samples=config.control_samples)
-    finally:
-        generator.close()
+    old = read_manifest(published / MANIFEST_FILE) if published is not None else None
+    # The published weights are copied under a name of their own, so a run whose adapter
+    # has that name too still measures both, and a publish racing this run changes nothing.
+    with tempfile.TemporaryDirectory(prefix="published-", dir=adapter_dir.parent) as scratch:
+        roots = [adapter_dir.parent]
+        if published is not None and old is not None:
+            copy = Path(scratch) / PUBLISHED
+            copy.mkdir()
+            for name in (ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE):
+                shutil.copyfile(published / name, copy / name)
+            roots.append(Path(scratch))
+            max_lora_rank = max(max_lora_rank, _lora_rank(copy))
+            longest = max(longest, config.eval_max_new_tokens + max(
+                len(build_prompt(old.prompt_template, row.text, tokenizer)) for row in rows))
+        generator = EngineGenerator(model, tokenizer, base_fingerprint, roots,
+                                    config.eval_max_new_tokens, max_loras=len(roots),
+                                    max_lora_rank=max_lora_rank, max_model_len=longest)
+        try:
+            if sets is None:
+                evaluation = _without_retention(generator, prompts, rows, adapter_dir.name,
+                                                config)
+            else:
+                evaluation = _with_retention(generator, rows, adapter_dir.name, config, sets,
+                                             report)
+            if published is not None and old is not None:
+                score = PublishedScore(adapter_version(published), old.default_weight_scale,
+                                       scores(generator.run(
+                                           [build_prompt(old.prompt_template, row.text,
+                                                         tokenizer) for row in rows],
+                                           PUBLISHED, old.default_weight_scale),
+                                           [row.label for row in rows])["chrf"])
+                report(f"{config.name}: the published version {score.version[:12]} at its "
+                       f"weight_scale {score.weight_scale:g}: validation chrF "
+                       f"{score.val_chrf:.2f} (measured now, on the same rows); this run: "
+                       f"{evaluation.metrics['val_chrf']:.2f} at weight_scale "
+                       f"{evaluation.weight_scale:g}")
+                evaluation = replace(evaluation, published=score)
+        finally:
+            generator.close()
+    return evaluation
+
+
+def _with_retention(generator: EngineGenerator, rows: list[Row], adapter: str,
+                    config: TrainConfig, sets: ControlSets, report: Callable[[str], None]
+                    ) -> RunEvaluation:
+    """The scale curve, the choice, and the metrics at the chosen scale."""
+    scales = sorted({*config.scale_candidates, 1.0} | (
+        set() if config.choose_scale else {config.default_weight_scale}))
+    limits = RetentionLimits.from_config(config)
+    curve = scale_curve(generator, config.prompt_template, adapter, rows, sets, scales, limits,
+                        samples=config.control_samples)
     for scale in scales:
         report(f"{config.name}: {summary_line(curve, scale)}")
     allowed = [float(s) for s, p in curve["by_scale"].items() if p["within_limits"]]
@@ -80,21 +137,38 @@ def evaluate_run(model: torch.nn.Module, tokenizer: Any, base_fingerprint: str,
         "control_english_chrf_drop": chosen["english_chrf_drop"],
         "perplexity_increase_pct": chosen["perplexity_increase_pct"],
     }
+    if "domain_perplexity_increase_pct" in chosen:
+        metrics["domain_perplexity_increase_pct"] = chosen["domain_perplexity_increase_pct"]
     return RunEvaluation(metrics, curve, scale, problem)
+
+
+def _lora_rank(folder: Path) -> int:
+    """The largest LoRA rank in ``folder``'s adapter_config.json."""
+    data = json.loads((folder / ADAPTER_CONFIG_FILE).read_text(encoding="utf-8"))
+    return max([int(data.get("r", 8)), *(int(r) for r in
+                                          (data.get("rank_pattern") or {}).values())])
 
 
 def _without_retention(generator: EngineGenerator, prompts: list[list[int]], rows: list[Row],
                        adapter: str, config: TrainConfig) -> RunEvaluation:
+    """Base and adapter at scale 1; ``val_chrf`` (what the gate compares) at the scale that
+    will be published, the configured one."""
     references = [row.label for row in rows]
-    base = generator.submit(prompts, None, 0.0)
-    tuned = generator.submit(prompts, adapter, 1.0)
+    scale = config.default_weight_scale
+    systems = {"base": generator.submit(prompts, None, 0.0),
+               "adapter": generator.submit(prompts, adapter, 1.0)}
+    if scale != 1.0:
+        systems["served"] = generator.submit(prompts, adapter, scale)
     metrics: dict[str, float] = {}
-    for label, handles in (("base", base), ("adapter", tuned)):
+    for label, handles in systems.items():
         result = scores(generator.collect(handles), references)
         metrics[f"val_chrf_{label}"] = result["chrf"]
         metrics[f"val_bleu_{label}"] = result["bleu"]
-    metrics["val_chrf"] = metrics["val_chrf_adapter"]
-    return RunEvaluation(metrics, None, config.default_weight_scale, None)
+    metrics["val_chrf"] = metrics.pop("val_chrf_served", metrics["val_chrf_adapter"])
+    metrics.pop("val_bleu_served", None)
+    if scale != 1.0:
+        metrics["weight_scale"] = scale
+    return RunEvaluation(metrics, None, scale, None)
 
 
 def plot_losses(path: Path, train: list[tuple[int, float]], val: list[tuple[int, float]],

@@ -8,13 +8,23 @@ files match the manifest, so it never serves a half-written adapter.
 The gate: nothing is published, unless ``force``, when no measured ``weight_scale`` keeps
 the base model's other abilities within the retention limits (``trainer.scale_choice``),
 when the new adapter's validation chrF is below the base model's (an adapter that makes
-the model worse), or when an adapter of that name is already published with a
-validation chrF and the new one scores lower. The
-replaced version's files are kept in ``<name>/previous/`` for rollback.
+the model worse), or when an adapter of that name is already published and the new one
+scores lower. That comparison is like with like: each version at the scale it would
+serve (the new one at its chosen scale, the published one at its manifest's
+``default_weight_scale``), both measured in this run on the same validation rows through
+the same engine (``PublishedScore``, ``trainer.evaluate``). A figure recorded in the
+published manifest is never compared: it may have been measured at another scale (a
+manifest whose scale ``make eval --choose-scale`` changed) or by an older scorer.
+
+A run whose adapter is the published version (same weight files, template, scale, base,
+data and description: an unchanged config on the same data, trained again) publishes
+nothing and says so; that is a success, not a refusal. The replaced version's files are
+kept in ``<name>/previous/`` for rollback.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 from dataclasses import dataclass
@@ -45,6 +55,31 @@ class PublishResult:
     folder: Path
     version: str | None
     message: str
+    unchanged: bool = False
+    """Nothing was published because the run's adapter is the published version."""
+
+
+@dataclass(frozen=True)
+class PublishedScore:
+    """The published version's validation chrF, measured in this run the way the new
+    adapter's is (the same rows and engine), at the scale it serves."""
+
+    version: str
+    weight_scale: float
+    val_chrf: float
+
+
+def comparable_version(target: Path, base_fingerprint: str) -> AdapterManifest | None:
+    """The version published at ``target`` when a new run can be measured against it: a
+    readable manifest, weight files that match it, trained for this base model. Anything
+    else could not be served either, so it protects nothing."""
+    try:
+        manifest = read_manifest(target / MANIFEST_FILE)
+    except (ManifestError, OSError):
+        return None
+    if manifest.base_fingerprint != base_fingerprint or not _intact(target, manifest):
+        return None
+    return manifest
 
 
 def _intact(folder: Path, manifest: AdapterManifest) -> bool:
@@ -56,8 +91,12 @@ def _intact(folder: Path, manifest: AdapterManifest) -> bool:
 
 
 def gate(existing: AdapterManifest | None, new_chrf: float | None, force: bool,
-         base_chrf: float | None = None, retention_problem: str | None = None) -> str | None:
-    """Why publishing is refused, or None."""
+         base_chrf: float | None = None, retention_problem: str | None = None,
+         published: PublishedScore | None = None, new_scale: float | None = None,
+         ) -> str | None:
+    """Why publishing is refused, or None. ``published`` is the published version measured
+    in this run (None when there is none that could be measured: see
+    ``comparable_version``); ``new_scale`` is the scale ``new_chrf`` was measured at."""
     if force:
         return None
     if retention_problem is not None:
@@ -67,14 +106,37 @@ def gate(existing: AdapterManifest | None, new_chrf: float | None, force: bool,
                 f"{base_chrf:.2f} (use --force to publish anyway)")
     if existing is None:
         return None
-    old = existing.metrics.get("val_chrf")
-    if old is not None and new_chrf is None:
+    if new_chrf is None:
+        if published is None and existing.metrics.get("val_chrf") is None:
+            return None
         return ("not published: this run has no validation chrF to compare with the "
-                f"published version's {old:.2f} (use --force to publish anyway)")
-    if old is not None and new_chrf is not None and new_chrf < old:
-        return (f"not published: validation chrF {new_chrf:.2f} is below the published "
-                f"version's {old:.2f} (use --force to publish anyway)")
+                "published version's (use --force to publish anyway)")
+    if published is not None and new_chrf < published.val_chrf:
+        at = "" if new_scale is None else f" at weight_scale {new_scale:g}"
+        return (f"not published: validation chrF {new_chrf:.2f}{at} is below the published "
+                f"version's {published.val_chrf:.2f} at its weight_scale "
+                f"{published.weight_scale:g} ({published.version[:12]}; both measured now, "
+                "on the same rows) (use --force to publish anyway)")
     return None
+
+
+def _same_version(existing: AdapterManifest, target: Path, config: TrainConfig,
+                  adapter_dir: Path, base_fingerprint: str, data_digest: str,
+                  scale: float) -> bool:
+    """Whether publishing would serve exactly what ``target`` serves now."""
+    files = {
+        ADAPTER_CONFIG_FILE: hashlib.sha256(canonical_adapter_config(
+            (adapter_dir / ADAPTER_CONFIG_FILE).read_bytes())).hexdigest(),
+        ADAPTER_WEIGHTS_FILE: hashlib.sha256(
+            (adapter_dir / ADAPTER_WEIGHTS_FILE).read_bytes()).hexdigest(),
+    }
+    return (existing.files == files and _intact(target, existing)
+            and existing.default_weight_scale == scale
+            and existing.prompt_template == config.prompt_template
+            and existing.base_fingerprint == base_fingerprint
+            and existing.training_data_digest == data_digest
+            and existing.dialect == (config.dialect or config.name)
+            and existing.description == config.description)
 
 
 def model_card(config: TrainConfig, metrics: dict[str, float], version: str,
@@ -114,12 +176,16 @@ def canonical_adapter_config(raw: bytes) -> bytes:
 def publish(config: TrainConfig, adapter_dir: Path, base_fingerprint: str,
             metrics: dict[str, float], data_digest: str, target: Path,
             force: bool = False, *, weight_scale: float | None = None,
-            retention_problem: str | None = None) -> PublishResult:
-    """Publish ``adapter_dir`` as ``target`` (``<publish_root>/<name>``) unless gated.
+            retention_problem: str | None = None,
+            published_score: PublishedScore | None = None) -> PublishResult:
+    """Publish ``adapter_dir`` as ``target`` (``<publish_root>/<name>``) unless gated, or
+    unless it is the version published there already (``unchanged``, even with
+    ``force``: publishing it again would only move the same files to ``previous/``).
 
     ``weight_scale`` (default: the config's) becomes the manifest's default scale;
     ``retention_problem`` (no scale keeps the base's abilities within the limits)
-    refuses it unless ``force``, and a forced publish says so."""
+    refuses it unless ``force``, and a forced publish says so; ``published_score`` is the
+    published version measured in this run, for the gate."""
     scale = config.default_weight_scale if weight_scale is None else weight_scale
     existing = None
     if (target / MANIFEST_FILE).exists():
@@ -127,8 +193,15 @@ def publish(config: TrainConfig, adapter_dir: Path, base_fingerprint: str,
             existing = read_manifest(target / MANIFEST_FILE)
         except ManifestError:
             existing = None  # an unreadable manifest protects nothing
+    if existing is not None and _same_version(existing, target, config, adapter_dir,
+                                              base_fingerprint, data_digest, scale):
+        version = adapter_version(target)
+        return PublishResult(False, target, version, (
+            f"{config.name}: identical to the published version {version[:12]} (the same "
+            f"weights, prompt template and weight_scale {scale:g}): nothing to publish"),
+            unchanged=True)
     refusal = gate(existing, metrics.get("val_chrf"), force, metrics.get("val_chrf_base"),
-                   retention_problem)
+                   retention_problem, published_score, scale)
     if refusal is not None:
         return PublishResult(False, target, None, refusal)
     target.mkdir(parents=True, exist_ok=True)

@@ -20,7 +20,7 @@ from trainer.evaluate import evaluate_run, plot_losses
 from trainer.loop import train_loop
 from trainer.model import load_for_training
 from trainer.plan import RunPlan, plan_run
-from trainer.publish import PublishResult, publish
+from trainer.publish import PublishResult, comparable_version, publish
 from trainer.scale_choice import plot_scale_curve
 
 log = logging.getLogger("switchboard.trainer")
@@ -88,9 +88,16 @@ def train(config: TrainConfig, plan: RunPlan | None = None, *, force: bool = Fal
     if eval_rows:
         # Training is over: the plain base goes to the engine that scores like make eval.
         rank = _max_rank(model)
+        # The version this run would replace is scored in the same pass, at its own
+        # scale: the gate compares like with like, never a figure recorded elsewhere.
+        current = None
+        if plan.publish_to is not None and comparable_version(
+                plan.publish_to, base.base_fingerprint) is not None:
+            current = plan.publish_to
         evaluation = evaluate_run(model.unload(), tokenizer, base.base_fingerprint,
                                   adapter_dir, eval_rows, config, rank,
-                                  report=(lambda line: None) if quiet else _say)
+                                  report=(lambda line: None) if quiet else _say,
+                                  published=current)
         metrics.update(evaluation.metrics)
     (output / "metrics.json").write_text(json.dumps(metrics, indent=2))
     plot_losses(output / "loss.png", progress.train_losses, progress.val_losses,
@@ -107,7 +114,8 @@ def train(config: TrainConfig, plan: RunPlan | None = None, *, force: bool = Fal
             config, adapter_dir, base.base_fingerprint, metrics, plan.data_digest,
             plan.publish_to, force,
             weight_scale=evaluation.weight_scale if evaluation else None,
-            retention_problem=evaluation.retention_problem if evaluation else None)
+            retention_problem=evaluation.retention_problem if evaluation else None,
+            published_score=evaluation.published if evaluation else None)
         if published.published:
             for name in reports:
                 (published.folder / name).write_bytes((output / name).read_bytes())
@@ -129,7 +137,8 @@ def summary_table(metrics: dict[str, Any]) -> str:
     keys = ["steps", "train_rows", "val_rows", "train_loss_initial", "train_loss_final",
             "val_loss_best", "val_chrf_base", "val_chrf_adapter", "val_bleu_base",
             "val_bleu_adapter", "weight_scale", "val_chrf", "control_mandarin_chrf_drop",
-            "control_english_chrf_drop", "perplexity_increase_pct", "truncated_rows",
+            "control_english_chrf_drop", "domain_perplexity_increase_pct",
+            "perplexity_increase_pct", "truncated_rows",
             "dropped_rows", "steps_per_s", "total_seconds"]
     width = max(len(k) for k in keys)
     return "\n".join(f"{k:<{width}}  {metrics[k]:.4g}" if isinstance(metrics[k], float)

@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from server.adapters.cache import AdapterCache
+from server.adapters.cache import AdapterCache, AdapterLease
 from server.adapters.store import AdapterStore
 from server.engine.config import EngineConfig
 from server.engine.engine import Engine
@@ -69,13 +69,43 @@ class EngineGenerator:
                prompt_logprobs: bool = False) -> list[RequestHandle]:
         """Start greedy runs of ``prompts`` with ``adapter`` at ``scale`` (and ``composed``
         adapters with theirs); see ``collect``. Submitting several systems before
-        collecting any fills the engine's batches."""
+        collecting any fills the engine's batches.
+
+        All or nothing: when one prompt cannot be submitted (too long, a full queue, an
+        adapter that cannot load), the runs already started are cancelled and the error
+        is raised; no lease is left held."""
         sampling = sampling or SamplingParams(max_new_tokens=self.max_new_tokens)
-        return [self.engine.submit(GenerationRequest(
-            ids, sampling, adapter=self.cache.lease(adapter) if adapter else None,
-            weight_scale=scale if adapter else 0.0,
-            composed=tuple((self.cache.lease(name), c) for name, c in composed),
-            prompt_logprobs=prompt_logprobs)) for ids in prompts]
+        handles: list[RequestHandle] = []
+        try:
+            for ids in prompts:
+                handles.append(self._submit_one(ids, adapter, scale, composed, sampling,
+                                                prompt_logprobs))
+        except BaseException:
+            for handle in handles:
+                handle.cancel()  # the engine releases their leases as they leave
+            raise
+        return handles
+
+    def _submit_one(self, ids: list[int], adapter: str | None, scale: float,
+                    composed: Sequence[tuple[str, float]], sampling: SamplingParams,
+                    prompt_logprobs: bool) -> RequestHandle:
+        """One run; the leases it takes are the engine's once submitted, ours until."""
+        leases: list[AdapterLease] = []
+        try:
+            if adapter:
+                leases.append(self.cache.lease(adapter))
+            for name, _ in composed:
+                leases.append(self.cache.lease(name))
+            first = leases[0] if adapter else None
+            rest = leases[1:] if adapter else leases
+            return self.engine.submit(GenerationRequest(
+                ids, sampling, adapter=first, weight_scale=scale if adapter else 0.0,
+                composed=tuple(zip(rest, (c for _, c in composed), strict=True)),
+                prompt_logprobs=prompt_logprobs))
+        except BaseException:
+            for lease in leases:
+                lease.release()
+            raise
 
     @staticmethod
     def collect(handles: list[RequestHandle]) -> list[str]:
