@@ -34,9 +34,9 @@ from bench.common import commit, print_table, target, write_results
 from protos.switchboard.v1 import switchboard_pb2 as pb
 from protos.switchboard.v1 import switchboard_pb2_grpc as pb_grpc
 from server.basemodel import load_base_model
-from server.cluster.settings import ClusterConfig, RayActorOptions
 from server.engine.config import EngineConfig
 from server.formats.files import replace_marked_block
+from server.service.cluster_settings import ClusterConfig, RayActorOptions
 from server.service.config import REPO_ROOT, ServerConfig
 from tests.support import make_random_adapter
 from tests.tiny_llama import build_tiny_llama

@@ -7,6 +7,7 @@ import grpc
 import pytest
 
 from protos.switchboard.v1 import switchboard_pb2 as pb
+from tests.polling import wait_for
 from tests.service_fixtures import UTTERANCE, assert_matches
 from tests.test_service import (
     INVALID,
@@ -69,10 +70,10 @@ def test_admin_rpcs_reach_every_replica(cluster):
     stub = cluster.stub()
     unloaded = stub.UnloadAdapter(pb.UnloadAdapterRequest(name="cantonese"), timeout=60)
     assert unloaded.tier == pb.TIER_DISK
-    assert [i.tier for i in cluster.adapters._ask("info", "cantonese")] == ["disk", "disk"]
+    assert [i.tier for i in cluster.infos("cantonese")] == ["disk", "disk"]
     loaded = stub.LoadAdapter(pb.LoadAdapterRequest(name="cantonese"), timeout=60)
     assert loaded.tier in (pb.TIER_HOST, pb.TIER_DEVICE) and loaded.version
-    infos = cluster.adapters._ask("info", "cantonese")
+    infos = cluster.infos("cantonese")
     assert len(infos) == 2 and {i.version for i in infos} == {loaded.version}
     reloaded = stub.ReloadAdapter(pb.ReloadAdapterRequest(name="cantonese"), timeout=60)
     assert reloaded.version == loaded.version
@@ -93,29 +94,32 @@ def test_the_serving_replica_holds_the_adapter_and_metrics_name_replicas(cluster
     assert len(stats) == 2
     for replica in served:
         assert "wuyu" in stats[replica]["held"]  # Ray Serve's LRU holds it; the cache follows
-    page = urllib.request.urlopen(
-        f"http://127.0.0.1:{cluster.metrics_port}/metrics", timeout=30).read().decode()
+
+    def page() -> str:
+        return urllib.request.urlopen(
+            f"http://127.0.0.1:{cluster.metrics_port}/metrics", timeout=30).read().decode()
+
+    # The page reads the views the replicas post, about a second old at most.
+    wait_for(lambda: all(f'switchboard_adapter_slot_pins{{replica="{replica}"}} 0.0'
+                         in page() for replica in stats), timeout=10)
+    shown = page()
     for replica in stats:
-        assert f'switchboard_running_batch_size{{replica="{replica}"}}' in page
-        assert f'switchboard_adapter_slot_pins{{replica="{replica}"}} 0.0' in page
-    assert any(f'switchboard_replica_calls_total{{replica="{r}"}}' in page for r in served)
+        assert f'switchboard_running_batch_size{{replica="{replica}"}}' in shown
+    assert any(f'switchboard_replica_calls_total{{replica="{r}"}}' in shown for r in served)
 
 
 def test_admin_log_keeps_each_adapters_last_state_only():
-    from server.cluster.admin import compact
+    from server.cluster.board import compact
 
-    log = [(1, "load", "a", None), (2, "unload", "b", None), (3, "list", "", None),
-           (4, "unload", "a", None), (5, "reload", "a", "v1"), (6, "info", "a", None)]
-    assert compact(log, 3, set()) == [(1, "load", "a", None), (2, "unload", "b", None),
-                                      (4, "unload", "a", None), (5, "reload", "a", "v1"),
-                                      (6, "info", "a", None)]
-    assert compact(log, 5, set()) == [(2, "unload", "b", None), (3, "list", "", None),
-                                      (5, "reload", "a", "v1"), (6, "info", "a", None)]
+    log = [(1, "load", "a", None), (2, "unload", "b", None), (3, "load", "c", None),
+           (4, "unload", "a", None), (5, "reload", "a", "v1"), (6, "load", "b", None)]
+    assert compact(log, set()) == [(3, "load", "c", None), (5, "reload", "a", "v1"),
+                                   (6, "load", "b", None)]
     # an earlier change someone still waits for stays until its own answers are in
-    assert compact(log, 5, {4}) == [(2, "unload", "b", None), (3, "list", "", None),
+    assert compact(log, {1, 4}) == [(1, "load", "a", None), (3, "load", "c", None),
                                     (4, "unload", "a", None), (5, "reload", "a", "v1"),
-                                    (6, "info", "a", None)]
-    assert compact(log, 9, set()) == log
+                                    (6, "load", "b", None)]
+    assert compact([], set()) == []
 
 
 def test_the_single_process_server_does_not_import_ray():
@@ -173,3 +177,65 @@ def test_a_replica_must_keep_what_ray_serve_holds(tiny_model_dir, service_librar
                              adapters_per_replica=6)
     with pytest.raises(InvalidOption, match=r"adapters_per_replica \(6\) exceeds max_cpu_adapters"):
         build_app(config)
+
+
+def test_a_flood_of_reads_does_not_hold_up_an_admin_change(cluster):
+    """2,000 concurrent reads (``GET /v1/models`` and metrics scrapes, neither needs the
+    admin key) while a LoadAdapter runs: reads are answered from the views the replicas
+    post, so the load takes its normal time and the ingress's threads stay bounded. Each
+    read once queued a command on the admin log and blocked a thread on it."""
+    import asyncio
+    import threading
+    import time
+    from urllib.parse import urlsplit
+
+    from tests.cluster_fixtures import get_many, ingress_pid, thread_count
+
+    stub = cluster.stub()
+
+    def timed_load() -> float:
+        stub.UnloadAdapter(pb.UnloadAdapterRequest(name="plain"), timeout=60)
+        started = time.monotonic()
+        stub.LoadAdapter(pb.LoadAdapterRequest(name="plain"), timeout=60)
+        return time.monotonic() - started
+
+    normal = timed_load()
+    changes = cluster.log_length()
+    pid = ingress_pid()
+    threads = [thread_count(pid)]
+    http = urlsplit(cluster.http_url)
+    answered = [0]
+    statuses: list[int] = []
+    flooded = threading.Event()
+
+    async def flood() -> None:
+        models = get_many(http.hostname or "127.0.0.1", http.port or 80, "/v1/models",
+                          1600, 800, answered)
+        scrapes = get_many("127.0.0.1", cluster.metrics_port, "/metrics", 400, 16, answered)
+        for part in await asyncio.gather(models, scrapes):
+            statuses.extend(part)
+
+    def sample() -> None:
+        while not flooded.wait(0.02):
+            threads.append(thread_count(pid))
+
+    flooder = threading.Thread(target=lambda: asyncio.run(flood()))
+    sampler = threading.Thread(target=sample)
+    flooder.start()
+    sampler.start()
+    try:
+        wait_for(lambda: answered[0] >= 800, timeout=120)  # the flood is under way
+        during = timed_load()
+        flooder.join(300)
+    finally:
+        flooded.set()
+        sampler.join(10)
+    assert not flooder.is_alive()
+    assert answered[0] == 2000
+    assert cluster.log_length() == changes + 2, "reads entered the admin log"
+    assert during <= max(5 * normal, normal + 5.0), \
+        f"LoadAdapter took {during:.1f} s under the flood ({normal:.2f} s without)"
+    assert statuses.count(200) == 2000, \
+        f"{2000 - statuses.count(200)} reads failed: {sorted(set(statuses))}"
+    assert max(threads) <= threads[0] + 64, \
+        f"the ingress grew from {threads[0]} to {max(threads)} threads"

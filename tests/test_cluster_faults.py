@@ -1,9 +1,12 @@
 """The cluster under faults and changes: a replica killed mid-stream, a trainer-style
-publish to the shared adapter root, SIGTERM to ``switchboard serve --cluster``. Its own
+publish to the shared adapter root, SIGTERM to ``switchboard serve --cluster`` (alone, and
+to its whole process group, Ray's processes included). Its own
 cluster (own adapter root, long generations so a kill lands mid-stream)."""
 
 from __future__ import annotations
 
+import contextlib
+import os
 import signal
 import threading
 import time
@@ -54,7 +57,7 @@ def cluster(tiny_model_dir, library):
 
 def versions(cluster, name: str) -> list[str]:
     """The served version of ``name`` on each live replica."""
-    return [info.version for info in cluster.adapters._ask("info", name)]
+    return [info.version for info in cluster.infos(name)]
 
 
 def test_publish_reaches_every_replica_and_running_calls_keep_their_version(
@@ -186,6 +189,82 @@ def test_sigterm_drains_every_replica_and_exits_0(tiny_model_dir, library, tmp_p
             server.process.kill()
     log = (tmp_path / "cluster.log").read_text()
     assert "draining the cluster" in log and "stopped" in log
+
+
+@pytest.mark.slow
+def test_sigterm_to_the_process_group_ends_in_time_and_leaves_no_ray_process(
+        tiny_model_dir, library, tmp_path):
+    """What ``kill -- -PGID`` or ``systemctl stop`` does: the raylet, the GCS and the
+    replicas get the SIGTERM too, so nothing can be drained. The command still ends
+    within ``grace_period_s`` + 15 s, says what was lost, exits non-zero and leaves none
+    of the Ray processes it started behind."""
+    root, routing = library
+    grace, tokens = 10, 4000  # no call can finish within the grace period
+    config = tmp_path / "cluster.yaml"
+    config.write_text(
+        f"base_model: {tiny_model_dir}\nadapter_roots: [{root}]\nrouting_table: {routing}\n"
+        f"port: 0\nmetrics_port: -1\nhttp_port: -1\ngrace_period_s: {grace}\n"
+        f"engine: {{max_model_len: {tokens + 100}, max_new_tokens_limit: {tokens}, "
+        "max_loras: 4}\n"
+        "cluster: {replicas: 2, torch_threads: 1, replica_metrics_port: -1, "
+        "app_name: group-sigterm-test}\n")
+    server = spawn_server(["--cluster", "--config", str(config)], tmp_path / "cluster.log",
+                          timeout=300, new_session=True)
+    session = server.process.pid
+    try:
+        assert session_processes(session) - {session}, "Ray runs in the command's session"
+        stub = pb_grpc_stub(server.address)
+        streams = [stub.GenerateStream(pb.GenerateRequest(prompt=f"caller {i} says",
+                                                          max_new_tokens=tokens), timeout=120)
+                   for i in range(4)]
+        for stream in streams:
+            assert not next(stream).HasField("final")  # all four are decoding
+        ended: list[str] = []
+
+        def drain(stream) -> None:
+            try:
+                for _ in stream:
+                    pass
+                ended.append("OK")
+            except grpc.RpcError as exc:
+                ended.append(exc.code().name)
+
+        readers = [threading.Thread(target=drain, args=(s,), daemon=True) for s in streams]
+        for reader in readers:
+            reader.start()
+        os.killpg(session, signal.SIGTERM)
+        signalled = time.monotonic()
+        code = server.process.wait(grace + 15)
+        took = time.monotonic() - signalled
+        for reader in readers:
+            reader.join(30)
+        assert len(ended) == len(streams), "every stream ended"
+        assert "OK" not in ended, ended  # cut, with an error status
+        assert code != 0, "calls were cut, yet the command exited 0"
+        assert took <= grace + 15
+        wait_for(lambda: not session_processes(session), timeout=10)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(session, signal.SIGKILL)
+    log = (tmp_path / "cluster.log").read_text()
+    assert "the Ray runtime stopped before the replicas were drained" in log, log[-3000:]
+
+
+def session_processes(session: int) -> set[int]:
+    """The live processes in session ``session`` (zombies not counted): what the command
+    started there, Ray's own processes included, wherever they were re-parented to."""
+    found = set()
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            # pid (comm) state ppid pgrp session ...: comm may hold spaces, so from ')'
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if fields[0] != "Z" and int(fields[3]) == session:
+            found.add(int(entry.name))
+    return found
 
 
 def pb_grpc_stub(address: str):

@@ -4,6 +4,7 @@ an engine and an adapter cache. Calls reach a replica through Ray Serve's model
 multiplexing, keyed by the routed adapters, so a ``wuyu`` call goes to a replica where
 ``wuyu`` is already hot. See docs/cluster.md.
 
-Only ``settings`` imports without Ray (it is part of the server's configuration); the
-rest needs the ``switchboard[cluster]`` extra. The single-process server never imports it.
+It needs the ``switchboard[cluster]`` extra; its settings (``cluster:`` in the server's
+configuration) live in ``server/service/cluster_settings.py``. The single-process server
+never imports it: this package depends on ``server.service``, never the reverse.
 """

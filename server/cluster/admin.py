@@ -1,30 +1,37 @@
 """Admin rpcs that reach every replica, through one small Ray actor.
 
 Ray Serve routes a call to *one* replica; load, unload and reload must reach *all* of
-them, including a replica started later. The :class:`AdminBoard` actor keeps the ordered
-log of admin commands. Each replica's :class:`AdminFollower` long-polls it, applies every
-command to its own adapter cache in order and posts the result; the ingress's
-:class:`ClusterAdapters` (what the admin rpcs call) submits a command and waits until
-every live replica has answered. A replica that starts later replays the log's
-load/unload/reload commands, so it serves what the operators asked for; read-only
-commands (info, list, stats) leave the log once answered.
+them, including a replica started later. The admin board actor (``board.py``) keeps the
+ordered log of those changes. Each replica's :class:`AdminFollower` long-polls it,
+applies every change to its own adapter cache in order and posts the result; the
+ingress's :class:`ClusterAdapters` (what the admin rpcs call) submits a change and waits
+until every live replica has answered. A replica that starts later replays the log, so
+it serves what the operators asked for.
+
+Reads (list, info, the metrics page's figures) never enter the log: each follower also
+posts its replica's view to the board every ``SNAPSHOT_S``, and the ingress answers reads
+from its copy of those views (``views.py``, which states the staleness).
+
+Anything that can reach the Ray cluster can call this actor (docs/cluster.md, "Who can
+reach the cluster"): Ray access is code execution, so the cluster's network is the trust
+boundary, not the service's keys.
 """
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import dataclasses
 import logging
 import threading
 import time
-import uuid
 from typing import Any
 
 import ray
 from ray.exceptions import GetTimeoutError, RayError
 
 from server.adapters.cache import AdapterInfo
+from server.cluster.board import POLL_S, Board
+from server.cluster.views import SNAPSHOT_S, ReplicaView, ViewCache
 from server.cluster.wire import WireError
 from server.errors import ServiceUnavailable, SwitchboardError
 from server.service.metrics import anon_rss_mb, live_figures
@@ -34,117 +41,12 @@ log = logging.getLogger("switchboard.cluster")
 BOARD_PREFIX = "switchboard-admin-"
 NAMESPACE = "serve"
 """Ray Serve's namespace, where the deployments' actors (and so the board) live."""
-POLL_S = 2.0
-LIVE_S = 3 * POLL_S + 4.0
-"""A replica not heard from (poll or heartbeat) for this long is taken for gone."""
-FORGET_S = 60 * LIVE_S
-MUTATING = ("load", "unload", "reload")
 TIER_RANK = {"disk": 0, "host": 1, "device": 2}
+READ_TIMEOUT_S = 5.0
+"""How long the ingress waits for the board's views."""
 
-Command = tuple[int, str, str, str | None]
-"""(sequence number, op, adapter name, version)."""
-
-
-@ray.remote(num_cpus=0)
-class AdminBoard:
-    """The admin log and the replicas' answers (an async actor: waits do not block).
-
-    Restarted by Ray if its process dies, with an empty log and a new ``epoch``: the
-    followers then start over from its first command."""
-
-    def __init__(self) -> None:
-        self.epoch = uuid.uuid4().hex
-        self.commands: list[Command] = []
-        self.seq = 0
-        self.answers: dict[int, dict[str, Any]] = {}
-        """Answers by command, while someone waits for them."""
-        self.seen: dict[str, float] = {}
-        self.gone: set[str] = set()
-        self.changed = asyncio.Condition()
-
-    def _heard(self, replica: str) -> None:
-        if replica not in self.gone:
-            self.seen[replica] = time.monotonic()
-
-    async def heartbeat(self, replica: str) -> None:
-        """A replica busy applying a long command is still alive."""
-        self._heard(replica)
-
-    async def poll(self, replica: str, after: int, timeout: float
-                   ) -> tuple[str, list[Command]]:
-        """This board's epoch and the commands after ``after`` (waiting up to
-        ``timeout`` for one)."""
-        self._heard(replica)
-        async with self.changed:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.changed.wait_for(lambda: self.seq > after), timeout)
-        self._heard(replica)
-        return self.epoch, [c for c in self.commands if c[0] > after]
-
-    async def submit(self, op: str, name: str, version: str | None) -> int:
-        async with self.changed:
-            self.seq += 1
-            self.commands.append((self.seq, op, name, version))
-            self.answers[self.seq] = {}
-            self.changed.notify_all()
-        return self.seq
-
-    async def answer(self, replica: str, seq: int, result: Any) -> None:
-        async with self.changed:
-            self._heard(replica)
-            if seq in self.answers:
-                self.answers[seq][replica] = result
-            self.changed.notify_all()
-
-    async def leave(self, replica: str) -> None:
-        async with self.changed:
-            self.seen.pop(replica, None)
-            self.gone.add(replica)
-            self.changed.notify_all()
-
-    def live(self) -> list[str]:
-        now = time.monotonic()
-        for replica in [r for r, at in self.seen.items() if now - at > FORGET_S]:
-            del self.seen[replica]
-        return sorted(r for r, at in self.seen.items() if now - at <= LIVE_S)
-
-    async def results(self, seq: int, timeout: float) -> tuple[dict[str, Any], list[str]]:
-        """The answers to ``seq`` and the live replicas that did not answer within
-        ``timeout``; the command then leaves the log unless it changes state."""
-        deadline = time.monotonic() + timeout
-        answers = self.answers.get(seq, {})
-        async with self.changed:
-            while True:
-                live = self.live()
-                if live and all(r in answers for r in live):
-                    break
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    break
-                # Wake at least every second: a dead replica drops out of live().
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self.changed.wait(), min(left, 1.0))
-            self.answers.pop(seq, None)
-            self.commands = compact(self.commands, seq, set(self.answers))
-        return answers, [r for r in self.live() if r not in answers]
-
-    def replicas(self) -> list[str]:
-        return self.live()
-
-
-def compact(commands: list[Command], answered: int, waited_on: set[int]) -> list[Command]:
-    """The log once ``answered`` is done: a read-only command leaves it, and a state
-    change replaces the earlier ones on the same adapter that nobody still waits on (a
-    replica that replays the log only needs each adapter's last state, and the log stays
-    bounded)."""
-    done = next((c for c in commands if c[0] == answered), None)
-    if done is None:
-        return commands
-    if done[1] not in MUTATING:
-        return [c for c in commands if c[0] != answered]
-    return [c for c in commands
-            if c[0] >= answered or c[2] != done[2] or c[0] in waited_on
-            or c[1] not in MUTATING]
+AdminBoard = ray.remote(num_cpus=0)(Board)
+"""The board as a Ray actor (one per application, detached, restarted if it dies)."""
 
 
 def board(app_name: str, create: bool = False) -> Any:
@@ -159,7 +61,8 @@ def board(app_name: str, create: bool = False) -> Any:
 
 
 class AdminFollower:
-    """A replica's side: apply the board's commands to this replica's cache, in order."""
+    """A replica's side: apply the board's commands to this replica's cache, in order,
+    and post this replica's view."""
 
     def __init__(self, board_handle: Any, replica: str, cache: Any, engine: Any) -> None:
         self.board = board_handle
@@ -167,9 +70,13 @@ class AdminFollower:
         self.cache = cache
         self.engine = engine
         self._stop = threading.Event()
+        # Liveness, views and commands on their own threads: a slow disk scan for a view
+        # must not make a replica look dead, nor a long load delay its views.
         self._threads = [
             threading.Thread(target=self._run, name="switchboard-admin", daemon=True),
-            threading.Thread(target=self._beat, name="switchboard-admin-beat", daemon=True)]
+            threading.Thread(target=self._beat, name="switchboard-admin-beat", daemon=True),
+            threading.Thread(target=self._report, name="switchboard-admin-view",
+                             daemon=True)]
 
     def start(self) -> None:
         for thread in self._threads:
@@ -187,6 +94,22 @@ class AdminFollower:
         while not self._stop.wait(POLL_S):
             with contextlib.suppress(Exception):  # the poll loop reports an unreachable board
                 self.board.heartbeat.remote(self.replica)
+
+    def _report(self) -> None:
+        while True:
+            self.post_view()
+            if self._stop.wait(SNAPSHOT_S):
+                return
+
+    def post_view(self) -> None:
+        """Send this replica's view to the board (stamped before it is read: the board
+        keeps the newest)."""
+        try:
+            taken = time.monotonic()
+            view = ReplicaView(self.replica, tuple(self.cache.list_adapters()), self.stats())
+            self.board.report.remote(self.replica, taken, view)
+        except Exception:  # the poll loop reports an unreachable board
+            log.debug("view not posted", exc_info=True)
 
     def _run(self) -> None:
         after, epoch = 0, ""
@@ -207,6 +130,7 @@ class AdminFollower:
                 if self._stop.is_set():
                     return
                 result = self.apply(op, name, version)
+                self.post_view()  # before the answer: a read after the rpc sees the change
                 self.board.answer.remote(self.replica, seq, result)
                 after = seq
 
@@ -224,12 +148,6 @@ class AdminFollower:
                 return self.cache.info(name)
             if op == "reload":
                 return self.cache.reload(name, version)
-            if op == "info":
-                return self.cache.info(name)
-            if op == "list":
-                return self.cache.list_adapters()
-            if op == "stats":
-                return self.stats()
             return WireError("InternalError", f"unknown admin op {op!r}")
         except SwitchboardError as exc:
             return WireError.of(exc)
@@ -241,17 +159,19 @@ class AdminFollower:
 
 class ClusterAdapters:
     """The admin rpcs' view of the adapters, over every replica (blocking calls: the
-    servicer runs them on a worker thread, as it does an AdapterCache's)."""
+    servicer runs them on a worker thread, as it does an AdapterCache's). Changes go
+    through the board's log; reads come from the ingress's copy of the replicas' views."""
 
     def __init__(self, board_handle: Any, timeout: float) -> None:
         self.board = board_handle
         self.timeout = timeout
+        self.views = ViewCache(lambda: self._fetch_views(0.0)[0])
 
-    def _ask(self, op: str, name: str = "", version: str | None = None,
-             timeout: float | None = None) -> list[Any]:
-        """Every live replica's answer; UNAVAILABLE when the board cannot be reached or a
-        live replica did not answer in time, a replica's domain error as itself."""
-        timeout = self.timeout if timeout is None else timeout
+    def _ask(self, op: str, name: str, version: str | None = None) -> list[Any]:
+        """Every live replica's answer to a change; UNAVAILABLE when the board cannot be
+        reached or a live replica did not answer in time, a replica's domain error as
+        itself."""
+        timeout = self.timeout
         try:
             seq = ray.get(self.board.submit.remote(op, name, version), timeout=timeout)
             answers, missing = ray.get(self.board.results.remote(seq, timeout),
@@ -259,6 +179,8 @@ class ClusterAdapters:
         except (RayError, GetTimeoutError) as exc:
             raise ServiceUnavailable(f"the cluster's admin board did not answer {op}: "
                                      f"{type(exc).__name__}") from None
+        finally:
+            self.views.invalidate()
         if missing:
             raise ServiceUnavailable(f"replica(s) {', '.join(missing)} did not answer {op} "
                                      f"within {timeout:g} s")
@@ -268,6 +190,30 @@ class ClusterAdapters:
             if isinstance(result, WireError):
                 raise result.error()
         return list(answers.values())
+
+    def _fetch_views(self, fresh_timeout: float) -> tuple[list[ReplicaView], list[str]]:
+        try:
+            return ray.get(self.board.views_of.remote(fresh_timeout),  # type: ignore[no-any-return]
+                           timeout=fresh_timeout + READ_TIMEOUT_S)
+        except (RayError, GetTimeoutError) as exc:
+            raise ServiceUnavailable("the cluster's admin board did not answer a read: "
+                                     f"{type(exc).__name__}") from None
+
+    def replica_views(self, fresh_within: float | None = None) -> list[ReplicaView]:
+        """Each live replica's view: the ingress's copy (about a second old at most,
+        ``views.py``), or with ``fresh_within``, views posted after this call, waiting up
+        to that long (tests and benchmarks; UNAVAILABLE naming a replica that posted
+        none)."""
+        if fresh_within is None:
+            views = self.views.get()
+        else:
+            views, late = self._fetch_views(fresh_within)
+            if late:
+                raise ServiceUnavailable(f"replica(s) {', '.join(late)} posted no view "
+                                         f"within {fresh_within:g} s")
+        if not views:
+            raise ServiceUnavailable("no replica has reported its adapters yet")
+        return views
 
     def load(self, name: str) -> AdapterInfo:
         return merge_infos(self._ask("load", name))
@@ -279,17 +225,21 @@ class ClusterAdapters:
         return merge_infos(self._ask("reload", name, version))
 
     def info(self, name: str) -> AdapterInfo:
-        return merge_infos(self._ask("info", name))
+        """From the board's views as they are now, not the ingress's copy: UnloadAdapter
+        answers with this right after its change (admin rpcs only, so never a flood)."""
+        views, _ = self._fetch_views(0.0)
+        if not views:
+            raise ServiceUnavailable("no replica has reported its adapters yet")
+        return merge_infos([view.info(name) for view in views])
 
-    def replica_stats(self, timeout: float | None = None) -> list[dict[str, Any]]:
-        """Each live replica's cache and engine figures (metrics, benchmarks, leak
-        checks)."""
-        return self._ask("stats", timeout=timeout)
+    def replica_stats(self) -> list[dict[str, Any]]:
+        """Each live replica's cache and engine figures (the metrics page)."""
+        return [view.stats for view in self.replica_views()]
 
     def list_adapters(self) -> list[AdapterInfo]:
         by_name: dict[str, list[AdapterInfo]] = {}
-        for infos in self._ask("list"):
-            for info in infos:
+        for view in self.replica_views():
+            for info in view.adapters:
                 by_name.setdefault(info.name, []).append(info)
         return [merge_infos(by_name[name]) for name in sorted(by_name)]
 

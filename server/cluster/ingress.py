@@ -23,29 +23,29 @@ from prometheus_client.registry import Collector
 from server.cluster import admin
 from server.cluster.remote import RemoteDispatcher
 from server.errors import ServiceUnavailable
-from server.service.app import Backend, SwitchboardServer, base_model_id
+from server.service.app import SwitchboardServer
 from server.service.config import ServerConfig
 from server.service.metrics import live_metrics
 from server.service.routing import RoutingTableFile
-from server.service.stack import base_source
+from server.service.stack import Backend, base_model_id, base_source
 
 log = logging.getLogger("switchboard.cluster")
 
 FIRST_REPLICA_TIMEOUT_S = 900.0
-SCRAPE_TIMEOUT_S = 5.0
 
 class ReplicaCollector(Collector):
     """Every live replica's engine and cache figures on the ingress's page, under the
-    single server's names labelled ``replica``, plus each replica's memory; read from
-    the replicas when Prometheus scrapes (nothing is cached)."""
+    single server's names labelled ``replica``, plus each replica's memory; from the
+    views the replicas post (about a second old, ``views.py``): a scrape reads memory,
+    it never waits on a replica nor queues on the admin log."""
 
     def __init__(self, adapters: admin.ClusterAdapters) -> None:
         self.adapters = adapters
 
     def collect(self) -> Iterator[Metric]:
         try:
-            stats = self.adapters.replica_stats(SCRAPE_TIMEOUT_S)
-        except Exception:  # no replica answered: the page still serves the call metrics
+            stats = self.adapters.replica_stats()
+        except Exception:  # no views: the page still serves the call metrics
             log.warning("replica gauges unavailable", exc_info=True)
             return
         yield from live_metrics([([stat["replica"]], stat) for stat in stats], ["replica"])
@@ -66,13 +66,13 @@ class IngressServer(SwitchboardServer):
             ["replica"], registry=self.metrics.registry)
 
     def _open_backend(self) -> Backend:
-        """Blocking until one replica follows the admin board: SERVING then means a call
-        can be served."""
+        """Blocking until one replica follows the admin board and has posted its view:
+        SERVING then means a call and a read can be served."""
         cfg = self.config
         routing = RoutingTableFile(cfg.resolve(cfg.routing_table))
         board = admin.board(cfg.cluster.app_name, create=True)
         deadline = time.monotonic() + FIRST_REPLICA_TIMEOUT_S
-        while not ray.get(board.replicas.remote()):
+        while not ray.get(board.views_of.remote())[0]:
             if self.state.draining or time.monotonic() > deadline:
                 raise ServiceUnavailable("no replica came up")
             time.sleep(0.2)
@@ -109,9 +109,10 @@ class SwitchboardIngress:
         return {"address": self.server.address, "http_url": self.server.http_url,
                 "metrics_port": self.server.metrics_port}
 
-    async def drain(self, grace: float | None = None) -> None:
-        """Stop taking calls, let those in flight finish (``grace_period_s``), stop."""
-        await self.server.shutdown(grace)
+    async def drain(self, grace: float | None = None) -> bool:
+        """Stop taking calls, let those in flight finish (``grace_period_s``), stop;
+        whether they all did (False: the rest were cut)."""
+        return await self.server.shutdown(grace)
 
     async def check_health(self) -> None:
         error = self._start_error()

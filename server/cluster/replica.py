@@ -148,8 +148,7 @@ class ReplicaServer:
         self._stop.set()
         self.follower.stop()
         self._poller.join(self.config.poll_interval_s + 30)
-        self.stack.engine.stop(True, self.config.grace_period_s)
-        self.stack.cache.close()
+        self.stack.close(True, self.config.grace_period_s)
         self.metrics.close()
 
     async def aclose(self) -> None:

@@ -19,10 +19,10 @@ from typing import Any
 
 import yaml
 
-from server.cluster.settings import ClusterConfig
 from server.engine.config import EngineConfig
 from server.errors import InvalidOption
 from server.formats.files import read_yaml_mapping
+from server.service.cluster_settings import ClusterConfig
 
 ENV_PREFIX = "SWITCHBOARD_"
 NOT_CONFIG_ENV = {"SWITCHBOARD_CACHE_DIR", "SWITCHBOARD_TARGET", "SWITCHBOARD_API_KEY",
@@ -44,7 +44,8 @@ class ServerConfig:
     metrics_port: int = 9400
     """Prometheus metrics over HTTP on ``host``; 0 picks a free one, -1 turns them off."""
     http_port: int = 8000
-    """OpenAI-compatible HTTP API (``/v1/...``) on ``host``; 0 picks a free one, -1: off."""
+    """OpenAI-compatible HTTP API (``/v1/...``) on ``host``; 0 picks a free one, -1: off.
+    HTTPS only when ``tls_cert`` is set; plain HTTP otherwise."""
     http_max_body_bytes: int = 1 << 20
     """Largest HTTP request body; a larger one gets 413."""
     cors_origins: tuple[str, ...] = ()
@@ -74,7 +75,11 @@ class ServerConfig:
     admin_key: str = ""
     """Key for admin rpcs (also accepted for generation); empty: admin rpcs are open."""
     tls_cert: str = ""
-    """PEM certificate chain; with ``tls_key``, the server speaks TLS only."""
+    """PEM certificate chain; with ``tls_key``, the server speaks TLS only: the gRPC port
+    and the HTTP API (HTTPS) both serve this certificate, and plain HTTP is never served
+    on a non-loopback address (the server refuses to start rather than do so). The
+    metrics port stays plain HTTP: it carries no keys. Without TLS, keys configured on a
+    non-loopback ``host`` cross the network in clear, which start-up warns about."""
     tls_key: str = ""
     """PEM private key for ``tls_cert``."""
     max_message_bytes: int = 1 << 20

@@ -1,8 +1,9 @@
 """The serving stack without a transport: base model, engine, adapter cache, routing
 table and dispatcher, built from a :class:`ServerConfig`.
 
-``SwitchboardServer`` wraps it in gRPC, HTTP, health and pollers; anything else that
-serves calls (a replica process of a cluster) builds the same stack and drives its
+``SwitchboardServer`` wraps it (or a cluster's replicas: a :class:`Backend` either
+way) in gRPC, HTTP, health and pollers; anything else that serves calls (a replica
+process of a cluster) builds the same stack and drives its
 :class:`~server.service.dispatch.Dispatcher` directly. Nothing here binds a port,
 installs a signal handler or exits the process.
 """
@@ -11,9 +12,12 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
+from server.basemodel.source import DEFAULT_GGUF_NAME
 from server.service.config import ServerConfig
 from server.service.routing import RoutingTableFile
 
@@ -29,10 +33,38 @@ class ServingStack:
     routing: RoutingTableFile
     dispatcher: Any
 
-    def close(self) -> None:
-        """Stop the engine (ending what still runs) and the cache's loader threads."""
-        self.engine.stop()
+    def close(self, drain: bool = False, timeout: float | None = None) -> None:
+        """Stop the engine (finishing what runs within ``timeout`` when ``drain``, else
+        ending it), the cache's loader threads and the dispatcher's tokenizing threads."""
+        self.engine.stop(drain, timeout)
         self.cache.close()
+        self.dispatcher.close()
+
+
+def base_model_id(source: str) -> str:
+    """The base model's name in the HTTP API (``model`` and ``/v1/models``)."""
+    if source == "default":
+        return DEFAULT_GGUF_NAME.split(".")[0]
+    return Path(source.rstrip("/")).name.removesuffix(".gguf")
+
+
+@dataclass
+class Backend:
+    """What the front-ends serve from: the engine stack in this process, or a cluster's
+    replicas. ``adapters`` answers the admin rpcs (an AdapterCache or alike)."""
+
+    dispatcher: Any
+    adapters: Any
+    model_id: str
+    """The base model's name in the HTTP API."""
+    poll: Callable[[], object]
+    """Adapter folders and the routing table, checked every ``poll_interval_s``."""
+    close: Callable[[], None]
+    routing: Any = None
+    """The :class:`RoutingTableFile` the dispatcher routes by."""
+    engine: Any = None
+    cache: Any = None
+    watcher: Any = None
 
 
 def base_source(cfg: ServerConfig) -> str:

@@ -1,5 +1,6 @@
 """The ``cluster:`` section of the server configuration (no Ray import here: the
-single-process server reads the same file)."""
+single-process server reads the same file, and ``server.service`` never imports
+``server.cluster``)."""
 
 from __future__ import annotations
 
