@@ -51,19 +51,32 @@ def adapters_main(argv: list[str]) -> int:
     return run(_adapters, parser.parse_args(argv[1:]))
 
 
+WAIT_DEFAULT_S = 120.0
+
+
 def _health(args: argparse.Namespace) -> int:
     with connect(args) as client:
-        status = client.health(args.service)
+        if args.wait is None:
+            status = client.health(args.service)
+        else:
+            status = client.wait_serving(args.wait, args.service)
     print(status)
     return 0 if status == "SERVING" else 1
 
 
 def health_main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="switchboard health",
-                                     description="The server's grpc.health.v1 status; exit 0 "
-                                                 "when SERVING, 1 otherwise.")
+    parser = argparse.ArgumentParser(
+        prog="switchboard health",
+        description="The server's grpc.health.v1 status; exit 0 when SERVING, 1 otherwise "
+                    "(the status number if the server cannot be asked, e.g. 14 unreachable).")
     parser.add_argument("--service", default="", help="one service (default: the server)")
+    parser.add_argument("--wait", nargs="?", type=float, const=WAIT_DEFAULT_S, metavar="SECONDS",
+                        help="wait until SERVING, up to SECONDS (default "
+                             f"{WAIT_DEFAULT_S:g}), through a port not yet open and the "
+                             "model load: for scripts, e.g. after starting `make serve`")
     add_connection_flags(parser)
     args = parser.parse_args(argv[1:])
+    if args.wait is not None and args.wait < 0:
+        parser.error(f"--wait must be >= 0 seconds, got {args.wait:g}")
     args.retries = 0 if args.retries == 3 else args.retries  # health answers now, not later
     return run(_health, args)

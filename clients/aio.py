@@ -3,7 +3,8 @@
     async with AsyncSwitchboardClient("127.0.0.1:50051") as client:
         result = await client.generate("侬今朝吃饭伐?", dialect="wuyu")
         async for item in client.stream("我張單幾時到期呀?", region="CN-HK"):
-            ...
+            if isinstance(item, StreamChunk):  # the last item is the GenerateResult
+                print(item.text, end="", flush=True)
 
 Same options, results, errors and retry rules as the blocking client.
 """
@@ -17,7 +18,14 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from clients.client import DEFAULT_TARGET, HEALTH_NAMES, ClientSettings, channel_options
+from clients.client import (
+    DEFAULT_TARGET,
+    HEALTH_NAMES,
+    WAIT_POLL_S,
+    WAITED_CODES,
+    ClientSettings,
+    channel_options,
+)
 from clients.errors import from_rpc_error
 from clients.messages import (
     AdapterStatus,
@@ -27,6 +35,7 @@ from clients.messages import (
     generate_request,
     generate_result,
 )
+from clients.retry import is_not_grpc
 from protos.switchboard.v1 import switchboard_pb2 as pb
 from protos.switchboard.v1 import switchboard_pb2_grpc as pb_grpc
 
@@ -69,12 +78,19 @@ class AsyncSwitchboardClient(ClientSettings):
 
     async def generate(self, text: str | None = None, *, timeout: float | None = None,
                        **options: Any) -> GenerateResult:
+        """One whole reply; options as :meth:`SwitchboardClient.generate
+        <clients.client.SwitchboardClient.generate>` (``ignore_eos``, ``min_tokens`` too)."""
         request = generate_request(text, **options)
         return generate_result(await self._unary(self._stub.Generate, request,
                                                  timeout=timeout))
 
     async def stream(self, text: str | None = None, *, timeout: float | None = None,
                      **options: Any) -> AsyncIterator[StreamChunk | GenerateResult]:
+        """:class:`StreamChunk` items as the text is generated, then exactly one
+        :class:`GenerateResult`, last, whose ``text`` is the whole answer again: print
+        the chunks, read route, adapters and counts from the last item (as
+        :meth:`SwitchboardClient.stream <clients.client.SwitchboardClient.stream>`).
+        Retried only until the first message arrives."""
         request = generate_request(text, **options)
         attempts = self.attempts(timeout)
         while True:
@@ -126,3 +142,29 @@ class AsyncSwitchboardClient(ClientSettings):
                                   health_pb2.HealthCheckRequest(service=service),
                                   timeout=timeout)
         return HEALTH_NAMES.get(reply.status, "UNKNOWN")
+
+    async def wait_serving(self, timeout: float, service: str = "") -> str:
+        """Poll the health service until ``SERVING`` or ``timeout`` seconds pass; as
+        :meth:`SwitchboardClient.wait_serving <clients.client.SwitchboardClient.wait_serving>`."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        pause = WAIT_POLL_S[0]
+        while True:
+            left = deadline - loop.time()
+            try:
+                reply = await self._health.Check(
+                    health_pb2.HealthCheckRequest(service=service),
+                    timeout=max(0.05, min(10.0, left)), metadata=self.metadata(False))
+                status, failure = HEALTH_NAMES.get(reply.status, "UNKNOWN"), None
+            except grpc.RpcError as error:
+                failure = from_rpc_error(error, self.address)
+                if failure.code not in WAITED_CODES or is_not_grpc(failure.details):
+                    raise failure from None
+                status = "UNKNOWN"
+            left = deadline - loop.time()
+            if status == "SERVING" or left <= 0:
+                if failure is not None:
+                    raise failure
+                return status
+            await asyncio.sleep(min(pause, left))
+            pause = min(WAIT_POLL_S[1], pause * 2)

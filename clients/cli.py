@@ -18,11 +18,14 @@ class Command(NamedTuple):
 
 
 COMMANDS: dict[str, Command] = {
-    "serve": Command("server.service.app", "run the gRPC server (server/config.yaml)"),
+    "serve": Command("server.serve_cmd",
+                     "run the server: gRPC and the OpenAI-compatible HTTP API "
+                     "(server/config.yaml)"),
     "generate": Command("clients.generate_cmd", "send an utterance (or --prompt), print it"),
     "adapters": Command("clients.admin_cmd:adapters_main",
                         "list, load, unload or reload adapters (admin)"),
-    "health": Command("clients.admin_cmd:health_main", "the server's health status"),
+    "health": Command("clients.admin_cmd:health_main",
+                      "the server's health status (--wait: until SERVING)"),
     "train": Command("trainer.cli", "train, evaluate and publish an adapter (YAML + CSV)"),
     "callcenter": Command("clients.callcenter", "route a CSV of calls by caller number (demo)"),
     "loadtest": Command("clients.loadtest", "drive a server with concurrent clients"),

@@ -34,7 +34,8 @@ def add_connection_flags(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--timeout", type=float, default=120.0,
                        help="deadline per call in seconds, retries included (default 120)")
     group.add_argument("--retries", type=int, default=3,
-                       help="retries for UNAVAILABLE / queue full (default 3)")
+                       help="retries for UNAVAILABLE / queue full (default 3; a server "
+                            "still starting is waited for within --timeout; 0: none)")
 
 
 def connect(args: argparse.Namespace) -> SwitchboardClient:

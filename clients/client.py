@@ -3,11 +3,15 @@
     with SwitchboardClient("127.0.0.1:50051") as client:
         print(client.generate("侬今朝吃饭伐?", dialect="wuyu").text)
         for item in client.stream("我張單幾時到期呀?", caller_number="+852 2345 6789"):
-            print(item.text if isinstance(item, StreamChunk) else f"[{item.adapter}]")
+            if isinstance(item, StreamChunk):  # the text, as it is generated
+                print(item.text, end="", flush=True)
+            else:  # last: the GenerateResult, whose text is the whole answer again
+                print(f"  [{item.adapter or 'base'}]")
 
 Every failed call raises :class:`~clients.errors.SwitchboardError` with the gRPC status
-and the server's message. Retries follow ``clients.retry``. Nothing here imports torch
-or the server.
+and the server's message. Retries follow ``clients.retry`` (a server that is still
+starting is waited for, within the call's deadline). Nothing here imports torch or the
+server.
 """
 
 from __future__ import annotations
@@ -29,7 +33,7 @@ from clients.messages import (
     generate_request,
     generate_result,
 )
-from clients.retry import Attempts, RetryPolicy
+from clients.retry import Attempts, RetryPolicy, is_not_grpc
 from protos.switchboard.v1 import switchboard_pb2 as pb
 from protos.switchboard.v1 import switchboard_pb2_grpc as pb_grpc
 
@@ -37,9 +41,19 @@ DEFAULT_TARGET = "127.0.0.1:50051"
 HEALTH_NAMES = {v: k for k, v in health_pb2.HealthCheckResponse.ServingStatus.items()}
 
 
+RECONNECT_BACKOFF_MS = 1000
+"""Longest wait between reconnection attempts. gRPC's default grows to 120 s, so a
+client that first found the port closed (the server still importing) would see it open
+up to a minute after it did; one server, one address: a second is plenty."""
+WAIT_POLL_S = (0.05, 1.0)
+"""First and longest pause between health checks in :meth:`SwitchboardClient.wait_serving`."""
+WAITED_CODES = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+
+
 def channel_options(max_message_bytes: int) -> list[tuple[str, Any]]:
     return [("grpc.max_receive_message_length", max_message_bytes),
-            ("grpc.max_send_message_length", max_message_bytes)]
+            ("grpc.max_send_message_length", max_message_bytes),
+            ("grpc.max_reconnect_backoff_ms", RECONNECT_BACKOFF_MS)]
 
 
 def read_certificate(root_certificate: bytes | str | Path | None) -> bytes | None:
@@ -115,13 +129,20 @@ class SwitchboardClient(ClientSettings):
                  **options: Any) -> GenerateResult:
         """One whole reply. ``text`` is the caller's utterance; options as the proto
         (``prompt``, ``messages``, ``dialect``, ``caller_number``, ``region``,
-        ``weight_scale``, ``max_new_tokens``, ``temperature``, ``seed``, ``stop`` ...)."""
+        ``weight_scale``, ``max_new_tokens``, ``temperature``, ``seed``, ``stop``,
+        ``ignore_eos``, ``min_tokens`` ...)."""
         request = generate_request(text, **options)
         return generate_result(self._unary(self._stub.Generate, request, timeout=timeout))
 
     def stream(self, text: str | None = None, *, timeout: float | None = None,
                **options: Any) -> Iterator[StreamChunk | GenerateResult]:
-        """Text chunks as they are generated, then the :class:`GenerateResult`.
+        """:class:`StreamChunk` items as the text is generated, then exactly one
+        :class:`GenerateResult`, last.
+
+        The result's ``text`` is the whole answer again (the chunks joined), with the
+        route, adapters, token counts and timings, so a loop that prints every item's
+        ``text`` prints the answer twice: print the chunks (``isinstance(item,
+        StreamChunk)``) and read the rest from the last item.
 
         Retried only until the first message arrives; after that a failure is raised,
         since replaying would repeat text the caller has already shown."""
@@ -177,6 +198,39 @@ class SwitchboardClient(ClientSettings):
         """``SERVING``, ``NOT_SERVING`` ... of the server (``service``: one service)."""
         reply = self._unary(self._health.Check, health_pb2.HealthCheckRequest(service=service),
                             timeout=timeout)
+        return HEALTH_NAMES.get(reply.status, "UNKNOWN")
+
+    def wait_serving(self, timeout: float, service: str = "") -> str:
+        """Poll :meth:`health` until ``SERVING`` or ``timeout`` seconds pass; return the
+        last status. For scripts that start a server and then call it: a port not yet
+        open, ``NOT_SERVING`` (loading), UNAVAILABLE and a check past its deadline are
+        waited through; any other failure, or one of those still there at the end, is
+        raised."""
+        deadline = time.monotonic() + timeout
+        pause = WAIT_POLL_S[0]
+        while True:
+            left = deadline - time.monotonic()
+            try:
+                status = self._health_once(service, max(0.05, min(10.0, left)))
+                failure = None
+            except SwitchboardError as error:
+                if error.code not in WAITED_CODES or is_not_grpc(error.details):
+                    raise
+                status, failure = "UNKNOWN", error
+            left = deadline - time.monotonic()
+            if status == "SERVING" or left <= 0:
+                if failure is not None:
+                    raise failure
+                return status
+            time.sleep(min(pause, left))
+            pause = min(WAIT_POLL_S[1], pause * 2)
+
+    def _health_once(self, service: str, timeout: float) -> str:
+        try:
+            reply = self._health.Check(health_pb2.HealthCheckRequest(service=service),
+                                       timeout=timeout, metadata=self.metadata(False))
+        except grpc.RpcError as error:
+            raise from_rpc_error(error, self.address) from None
         return HEALTH_NAMES.get(reply.status, "UNKNOWN")
 
 

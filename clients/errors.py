@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import grpc
 
+from clients.retry import is_not_grpc
+
 
 class SwitchboardError(Exception):
     """A call failed. ``code`` is the gRPC status (``grpc.StatusCode``), ``details`` the
@@ -13,7 +15,10 @@ class SwitchboardError(Exception):
         self.code = code
         self.details = details
         self.address = address
-        super().__init__(f"{code.name}: {details}")
+        message = f"{code.name}: {details}"
+        if is_not_grpc(details):
+            message = self.one_line()
+        super().__init__(message)
 
     @property
     def exit_code(self) -> int:
@@ -27,6 +32,11 @@ class SwitchboardError(Exception):
             "connect" in text or "connection" in text or "dns" in text)
 
     def one_line(self) -> str:
+        if is_not_grpc(self.details):  # gRPC's own words ("Expected SETTINGS") say nothing
+            return (f"{self.address} answered, but not in gRPC: is it the HTTP API's port? "
+                    "The client and the switchboard commands need the gRPC port (50051 by "
+                    f"default, e.g. --target HOST:50051); HTTP clients use "
+                    f"http://{self.address}/v1")
         if self.connection_failed:
             return f"cannot reach the Switchboard server at {self.address} ({self.details[:120]})"
         return f"{self.code.name}: {self.details}"

@@ -5,6 +5,8 @@ channel. Each request picks a dialect from ``--mix`` (weights; ``base`` means no
 so the routing default answers) and an utterance from the prompt set, round robin.
 Prints requests/s and tokens/s, latency p50/p95/p99, time-to-first-token p50/p95
 (client-measured with ``--stream``; server-reported otherwise) and errors by status.
+``--ignore-eos`` makes every reply exactly ``--max-new-tokens`` long, so that routes and
+servers whose models stop at different points are compared on the same work.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 from clients.aio import AsyncSwitchboardClient
 from clients.cli_common import add_connection_flags
@@ -58,6 +61,7 @@ class Report:
     concurrency: int
     stream: bool
     mix: dict[str, float] = field(default_factory=dict)
+    ignore_eos: bool = False
 
 
 def workload_item(index: int, utterances: tuple[str, ...], mix: dict[str, float],
@@ -118,14 +122,16 @@ class Progress:
 
 
 async def one_request(client: AsyncSwitchboardClient, text: str, dialect: str, stream: bool,
-                      max_new_tokens: int) -> Outcome:
+                      max_new_tokens: int, ignore_eos: bool = False) -> Outcome:
     dialect = "" if dialect == "base" else dialect
+    options: dict[str, Any] = {"dialect": dialect, "max_new_tokens": max_new_tokens,
+                               "ignore_eos": ignore_eos}
     started = time.perf_counter()
     try:
         if stream:
             first: float | None = None
             result: GenerateResult | None = None
-            async for item in client.stream(text, dialect=dialect, max_new_tokens=max_new_tokens):
+            async for item in client.stream(text, **options):
                 if isinstance(item, StreamChunk):
                     if first is None and item.text:
                         first = time.perf_counter() - started
@@ -134,7 +140,7 @@ async def one_request(client: AsyncSwitchboardClient, text: str, dialect: str, s
             assert result is not None
             return Outcome(True, time.perf_counter() - started, first, result.completion_tokens,
                            server_s=result.total_ms / 1000)
-        result = await client.generate(text, dialect=dialect, max_new_tokens=max_new_tokens)
+        result = await client.generate(text, **options)
         return Outcome(True, time.perf_counter() - started,
                        result.time_to_first_token_ms / 1000, result.completion_tokens,
                        server_s=result.total_ms / 1000)
@@ -169,7 +175,7 @@ async def load(args: argparse.Namespace) -> Report:
         while (index := take()) is not None:
             text, dialect = workload_item(index, utterances, args.mix, args.seed)
             outcome = await one_request(client, text, dialect, args.stream,
-                                        args.max_new_tokens)
+                                        args.max_new_tokens, args.ignore_eos)
             outcomes.append(outcome)
             progress.update(len(outcomes), sum(not o.ok for o in outcomes))
 
@@ -196,14 +202,15 @@ async def load(args: argparse.Namespace) -> Report:
         ttft_ms=percentiles([o.ttft_s for o in good if o.ttft_s is not None], (50, 95)),
         ttft_source="client (first chunk)" if args.stream else "server-reported",
         errors=errors, retries=client.retries, concurrency=args.concurrency,
-        stream=args.stream, mix=args.mix)
+        stream=args.stream, mix=args.mix, ignore_eos=args.ignore_eos)
 
 
 def render(report: Report) -> str:
     lat, ttft, server = report.latency_ms, report.ttft_ms, report.server_ms
     lines = [
         f"requests      {report.ok}/{report.requests} ok in {report.seconds:.1f} s "
-        f"(concurrency {report.concurrency}, {'streaming' if report.stream else 'unary'})",
+        f"(concurrency {report.concurrency}, {'streaming' if report.stream else 'unary'}"
+        f"{', ignore_eos' if report.ignore_eos else ''})",
         f"throughput    {report.requests_per_s:.2f} requests/s, {report.tokens_per_s:.1f} tokens/s",
         f"latency       p50 {lat.get('p50', 0):.0f} ms, p95 {lat.get('p95', 0):.0f} ms, "
         f"p99 {lat.get('p99', 0):.0f} ms (client)",
@@ -229,6 +236,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--prompts", help="file with one utterance per line")
     parser.add_argument("--stream", action="store_true", help="use GenerateStream")
     parser.add_argument("--max-new-tokens", type=int, default=16)
+    parser.add_argument("--ignore-eos", action="store_true",
+                        help="every reply exactly --max-new-tokens long (past EOS)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the dialect draw")
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")

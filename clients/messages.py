@@ -1,11 +1,14 @@
 """Plain result types of the client, and request building (protobuf stays in here).
 
 Users of :class:`~clients.client.SwitchboardClient` get these dataclasses, never protobuf
-messages; the enum names lose their prefixes (``ROUTE_CALLER_NUMBER`` → ``caller_number``).
+messages; the enum names lose their prefixes (``ROUTE_CALLER_NUMBER`` → ``caller_number``),
+and scales come back as the caller wrote them (:func:`reported_scale`).
 """
 
 from __future__ import annotations
 
+import math
+import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -75,6 +78,29 @@ class AdapterStatus:
     default_weight_scale: float
 
 
+def _float32(value: float) -> float:
+    return float(struct.unpack("<f", struct.pack("<f", value))[0])
+
+
+def reported_scale(value: float) -> float:
+    """A scale read from the wire, as the caller gave it: the shortest decimal that rounds
+    to the same float32.
+
+    The proto carries scales as float32 (the engine's precision), so 0.6 arrives as
+    0.6000000238418579; printing that to a caller who asked for 0.6 reads as a bug, and
+    the HTTP API (JSON numbers from Python floats) already says 0.6. Nine significant
+    digits always round-trip a float32, so the search ends by then.
+    """
+    if not math.isfinite(value):
+        return value
+    target = _float32(value)
+    for digits in range(1, 10):
+        candidate = float(f"{value:.{digits}g}")
+        if _float32(candidate) == target:
+            return candidate
+    return value
+
+
 def _enum_name(enum: object, value: int, prefix: str) -> str:
     name = enum.Name(value)  # type: ignore[attr-defined]
     return name.removeprefix(prefix).lower()
@@ -90,11 +116,12 @@ def generate_result(response: pb.GenerateResponse) -> GenerateResult:
         prompt_tokens=response.prompt_tokens, completion_tokens=response.completion_tokens,
         template_source=_enum_name(pb.TemplateSource, response.template_source,
                                    "TEMPLATE_SOURCE_"),
-        prompt_template=response.prompt_template, weight_scale=response.weight_scale,
+        prompt_template=response.prompt_template,
+        weight_scale=reported_scale(response.weight_scale),
         request_id=response.request_id, queue_ms=response.timings.queue_ms,
         time_to_first_token_ms=response.timings.time_to_first_token_ms,
         total_ms=response.timings.total_ms,
-        adapters=tuple(UsedAdapter(a.name, a.version, a.weight_scale)
+        adapters=tuple(UsedAdapter(a.name, a.version, reported_scale(a.weight_scale))
                        for a in response.adapters),
         replica=response.replica,
     )
@@ -109,7 +136,8 @@ def adapter_status(status: pb.AdapterStatus) -> AdapterStatus:
         requests_served=status.requests_served,
         load_ms=status.load_ms if status.HasField("load_ms") else None,
         previous_version=status.previous_version, error=status.error, dialect=status.dialect,
-        description=status.description, default_weight_scale=status.default_weight_scale,
+        description=status.description,
+        default_weight_scale=reported_scale(status.default_weight_scale),
     )
 
 
@@ -121,11 +149,15 @@ def generate_request(
     top_p: float | None = None, top_k: int | None = None,
     repetition_penalty: float | None = None, seed: int | None = None,
     stop: Sequence[str] = (), request_id: str = "", adapters: Sequence[AdapterSpec] = (),
+    ignore_eos: bool = False, min_tokens: int | None = None,
 ) -> pb.GenerateRequest:
     """A request; unset options are left unset, so the server's defaults apply.
-    ``adapters`` composes several adapters (exclusive with ``dialect``)."""
+    ``adapters`` composes several adapters (exclusive with ``dialect``); ``ignore_eos``
+    generates exactly ``max_new_tokens`` and ``min_tokens`` keeps EOS and stop strings
+    away until that many tokens (benchmarks: fixed-length replies)."""
     request = pb.GenerateRequest(dialect=dialect, caller_number=caller_number, region=region,
-                                 stop=list(stop), request_id=request_id)
+                                 stop=list(stop), request_id=request_id,
+                                 ignore_eos=ignore_eos)
     for spec in adapters:
         name, scale = parse_adapter_spec(spec)
         ref = request.adapters.add(name=name)
@@ -139,7 +171,8 @@ def generate_request(
         request.messages.append(pb.ChatMessage(role=role, content=content))
     for name, value in (("weight_scale", weight_scale), ("max_new_tokens", max_new_tokens),
                         ("temperature", temperature), ("top_p", top_p), ("top_k", top_k),
-                        ("repetition_penalty", repetition_penalty), ("seed", seed)):
+                        ("repetition_penalty", repetition_penalty), ("seed", seed),
+                        ("min_tokens", min_tokens)):
         if value is not None:
             setattr(request, name, value)
     return request

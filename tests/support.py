@@ -92,12 +92,15 @@ class SpawnedServer(NamedTuple):
     """The OpenAI-compatible API's base URL; empty when it is off (``--http-port -1``)."""
 
 
-def spawn_server(args: list[str], log_path: Path, timeout: float = 300.0) -> SpawnedServer:
-    """`switchboard serve ARGS` as a process; returns it and its addresses once serving."""
+def spawn_server(args: list[str], log_path: Path, timeout: float = 300.0,
+                 new_session: bool = False) -> SpawnedServer:
+    """`switchboard serve ARGS` as a process; returns it and its addresses once serving.
+    ``new_session``: in a session (and process group) of its own, led by the server, so
+    a test can signal the whole group as ``kill -- -PGID`` or systemd would."""
     process = subprocess.Popen(
         [sys.executable, "-m", "clients.cli", "serve", *args], cwd=REPO_ROOT,
         env=dict(os.environ, HF_HUB_OFFLINE="1"), stdout=subprocess.PIPE,
-        stderr=log_path.open("w"), text=True)
+        stderr=log_path.open("w"), text=True, start_new_session=new_session)
     serving: list[str] = []
 
     def read() -> None:

@@ -164,6 +164,64 @@ def test_loads_happen_off_the_engine_thread(tiny_model_dir, library, tmp_path, t
         served.close()
 
 
+def test_a_slow_adapter_root_never_stalls_the_engine(tiny_model_dir, library, tmp_path,
+                                                      tokenizer, monkeypatch):
+    """Listing adapters and looking up an unknown name scan the adapter roots; on a slow
+    (network) file system each scan here takes 200 ms. Rows keep finishing and joining
+    (each release and slot claim takes the cache's lock) while scans run: the engine
+    keeps stepping through every scan."""
+    root = _root_with(tmp_path, library, ["a00", "a01"])
+    served = serve(tiny_model_dir, root, max_loras=2)
+    scans: list[tuple[float, float]] = []
+    real_names = served.store.names
+
+    def slow_names() -> list[str]:
+        began = time.monotonic()
+        time.sleep(0.2)  # the injected slow file system, not a wait in the test
+        names = real_names()
+        scans.append((began, time.monotonic()))
+        return names
+
+    stop = threading.Event()
+    errors: list[BaseException] = []
+
+    def feed() -> None:  # short calls, so leases are released and slots claimed often
+        handles = []
+        try:
+            for i in range(10_000):
+                if stop.is_set():
+                    break
+                handles.append(served.engine.submit(GenerationRequest(
+                    _prompts(tokenizer)[i % 6], SamplingParams(max_new_tokens=2),
+                    adapter=served.cache.lease(("a00", "a01")[i % 2]))))
+                if len(handles) >= 4:
+                    handles.pop(0).result(60)
+            for handle in handles:
+                handle.result(60)
+        except BaseException as exc:  # surfaced below
+            errors.append(exc)
+
+    feeder = threading.Thread(target=feed)
+    try:
+        feeder.start()
+        wait_for(lambda: served.engine.steps > 10)
+        monkeypatch.setattr(served.store, "names", slow_names)
+        for _ in range(2):
+            assert [info.name for info in served.cache.list_adapters()] == ["a00", "a01"]
+        with pytest.raises(AdapterNotFound, match="no adapter named 'ghost'"):
+            served.cache.lease("ghost")
+        assert len(scans) == 3
+        for began, ended in scans:
+            during = [s for s in served.engine.trace if began <= s.started_at <= ended]
+            assert len(during) >= 10, f"{len(during)} engine steps during a 200 ms scan"
+    finally:
+        stop.set()
+        feeder.join(60)
+        served.close()
+    assert not errors, errors[0]
+    assert served.cache.usage()["version_pins"] == 0
+
+
 def test_concurrent_requests_for_a_cold_adapter_load_it_once(tiny_model_dir, library,
                                                              tmp_path):
     root = _root_with(tmp_path, library, ["a05"])

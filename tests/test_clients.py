@@ -5,6 +5,9 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import random
+import socket
+import struct
 import subprocess
 import sys
 import threading
@@ -19,8 +22,8 @@ from clients.callcenter import read_calls
 from clients.cli import main as cli
 from clients.client import SwitchboardClient
 from clients.errors import SwitchboardError
-from clients.messages import GenerateResult, StreamChunk
-from clients.retry import RetryPolicy, is_retryable
+from clients.messages import GenerateResult, StreamChunk, reported_scale
+from clients.retry import NO_RETRY, Attempts, RetryPolicy, is_retryable, is_starting
 from protos.switchboard.v1 import switchboard_pb2 as pb
 from server.engine.config import EngineConfig
 from server.service.config import REPO_ROOT
@@ -211,6 +214,55 @@ def test_a_stream_is_retried_before_its_first_message_and_never_after():
     client.close()
 
 
+def test_a_starting_server_is_waited_for_past_the_retry_budget(tiny_model_dir,
+                                                               service_library):
+    """``generate`` right after ``make serve``: the server says it is starting for longer
+    than the default policy's three retries last; the call waits (within its deadline)
+    and is answered once the model is loaded."""
+    from tests.test_service_security import held_server
+
+    with held_server(tiny_model_dir, service_library) as (live, release), \
+            SwitchboardClient(live.address, timeout=60) as client, ThreadPoolExecutor(1) as pool:
+        call = pool.submit(client.generate, "hello", dialect="wuyu", max_new_tokens=2)
+        budget = RetryPolicy().max_attempts - 1
+        wait_for(lambda: client.retries > budget or call.done(), 30)
+        assert not call.done(), call.exception()  # refused past the budget, still waiting
+        release.set()
+        assert call.result(60).adapter == "wuyu"
+
+
+def test_start_up_waits_are_bounded_and_do_not_use_up_attempts():
+    starting = "the server is starting (loading the model and adapters)"
+    attempts = Attempts(RetryPolicy(max_attempts=3), timeout=None)
+    assert all(attempts.delay(grpc.StatusCode.UNAVAILABLE, starting) is not None
+               for _ in range(20))
+    refused = [attempts.delay(grpc.StatusCode.UNAVAILABLE, "failed to connect")
+               for _ in range(3)]
+    assert [wait is not None for wait in refused] == [True, True, False]  # 3 attempts in all
+    assert Attempts(NO_RETRY, 60).delay(grpc.StatusCode.UNAVAILABLE, starting) is None
+    assert Attempts(RetryPolicy(), 0.0).delay(grpc.StatusCode.UNAVAILABLE, starting) is None
+    draining = "the server is shutting down; retry on another instance"
+    assert not is_starting(grpc.StatusCode.UNAVAILABLE, draining)
+
+
+def test_scales_read_back_as_the_caller_gave_them(live_server):
+    """The proto carries scales as float32: 0.6 arrives as 0.6000000238418579, and the
+    client reports the shortest decimal that is the same float32."""
+    with SwitchboardClient(live_server.address) as client:
+        single = client.generate("hello", dialect="wuyu", weight_scale=0.6, max_new_tokens=2)
+        composed = client.generate("hello", adapters=["wuyu", "plain@0.3"], max_new_tokens=2)
+        statuses = {status.name: status for status in client.list_adapters()}
+    assert single.weight_scale == 0.6 and single.adapters[0].weight_scale == 0.6
+    assert [a.weight_scale for a in composed.adapters] == [0.8, 0.3]  # 0.8: the manifest's
+    assert statuses["wuyu"].default_weight_scale == 0.8
+    rng = random.Random(0)
+    for value in [rng.uniform(0, 4) for _ in range(2000)] + [1e-7, 3.4e38, 0.0, 1.0]:
+        wire = struct.unpack("<f", struct.pack("<f", value))[0]
+        shown = reported_scale(wire)
+        assert struct.unpack("<f", struct.pack("<f", shown))[0] == wire  # the same float32
+        assert len(repr(shown)) <= len(repr(wire))
+
+
 # -- admin and health commands ------------------------------------------------------------
 def test_admin_commands_need_the_admin_key(small_queue, capsys):
     target = ["--target", small_queue.address]
@@ -235,6 +287,43 @@ def test_admin_commands_need_the_admin_key(small_queue, capsys):
     assert code == 5 and "klingon" in err
     code, out, _ = run_cli(["health", *target], capsys)
     assert code == 0 and out.strip() == "SERVING"
+
+
+def test_health_wait_waits_through_a_closed_port_and_the_model_load(
+        tiny_model_dir, service_library, capsys, monkeypatch):
+    """``switchboard health --wait``: for scripts that start a server and then call it.
+    The checks the command makes are recorded (the real ones, passed through) to see it
+    wait through each phase: port not open yet, open but loading, serving."""
+    from tests.test_service_security import held_server
+
+    with socket.socket() as probe:  # a free port, for the server to bind later
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    seen: list[str] = []
+    check = SwitchboardClient._health_once
+
+    def recorded(self, service: str, timeout: float) -> str:
+        try:
+            status = check(self, service, timeout)
+        except SwitchboardError as error:
+            seen.append(error.code.name)
+            raise
+        seen.append(status)
+        return status
+
+    monkeypatch.setattr(SwitchboardClient, "_health_once", recorded)
+    with ThreadPoolExecutor(1) as pool:
+        waiting = pool.submit(cli, ["health", "--wait", "120", "--target", f"127.0.0.1:{port}"])
+        wait_for(lambda: seen.count("UNAVAILABLE") >= 2 or waiting.done(), 30)
+        assert not waiting.done(), waiting.exception()  # nothing listens yet: it waits
+        with held_server(tiny_model_dir, service_library, port=port) as (_, release):
+            wait_for(lambda: "NOT_SERVING" in seen or waiting.done(), 30)
+            assert not waiting.done()  # open, but the model is loading: it waits
+            release.set()
+            assert waiting.result(60) == 0
+    assert capsys.readouterr().out == "SERVING\n" and seen[-1] == "SERVING"
+    code, _, err = run_cli(["health", "--wait", "0.5", "--target", "127.0.0.1:9"], capsys)
+    assert code == 14 and "cannot reach" in err  # a deadline, not a hang
 
 
 # -- call-center demo and load generator --------------------------------------------------

@@ -10,6 +10,7 @@ import subprocess
 import threading
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
 import grpc
 import pytest
@@ -115,12 +116,15 @@ def test_queue_full_is_resource_exhausted_and_the_rest_complete(guarded):
 
 
 @contextlib.contextmanager
-def held_server(tiny_model_dir, service_library) -> Iterator[tuple[LiveServer, threading.Event]]:
-    """A server whose port is bound but whose model load waits for the yielded event."""
+def held_server(tiny_model_dir, service_library,
+                **changes: Any) -> Iterator[tuple[LiveServer, threading.Event]]:
+    """A server whose port is bound but whose model load waits for the yielded event
+    (``changes``: settings, e.g. a given ``port``)."""
     root, routing, _ = service_library
     loop = asyncio.new_event_loop()
     release, bound = threading.Event(), threading.Event()
-    server = SwitchboardServer(server_config(tiny_model_dir, root, routing, metrics_port=-1))
+    changes.setdefault("metrics_port", -1)
+    server = SwitchboardServer(server_config(tiny_model_dir, root, routing, **changes))
     real_load = server._load
 
     def held_load() -> None:

@@ -4,6 +4,8 @@
   the adapter-wait and load histograms, never in the time per output token.
 * Copying adapters into device slots does not stall the asyncio loop: leases, submits,
   health checks and metrics go on while the engine thread copies.
+* Nor does tokenizing: a 1 MiB prompt is refused by its length before any tokenizing,
+  and a long one that is tokenized is tokenized off the loop.
 """
 
 from __future__ import annotations
@@ -59,6 +61,76 @@ done.set()
 checker.join()
 print(json.dumps({"adapters": [r.adapter.name for r in replies], "health": health}))
 """
+
+
+LONG_PROMPTS = """
+import json, sys, threading, time
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from protos.switchboard.v1 import switchboard_pb2 as pb, switchboard_pb2_grpc as pb_grpc
+
+channel = grpc.insecure_channel(sys.argv[1])
+done, health = threading.Event(), []
+
+def check():
+    stub = health_pb2_grpc.HealthStub(channel)
+    while not done.is_set():
+        reply = stub.Check(health_pb2.HealthCheckRequest(), timeout=2)
+        health.append(reply.status == health_pb2.HealthCheckResponse.SERVING)
+        time.sleep(0.01)
+
+checker = threading.Thread(target=check)
+checker.start()
+stub = pb_grpc.SwitchboardStub(channel)
+outcomes = []
+for copies in (52_000, 2_500, 52_000):  # 1.04 MB of UTF-8; 20,000 characters; 1.04 MB
+    try:
+        stub.Generate(pb.GenerateRequest(text="侬今朝吃饭伐? " * copies, max_new_tokens=4),
+                      timeout=60)
+        outcomes.append(["OK", ""])
+    except grpc.RpcError as error:
+        outcomes.append([error.code().name, error.details()])
+time.sleep(0.1)
+done.set()
+checker.join()
+print(json.dumps({"outcomes": outcomes, "health": health}))
+"""
+
+
+def test_long_prompts_do_not_stall_the_event_loop(live_server):
+    """A 1 MiB prompt while a 1 ms heartbeat runs on the server's loop and a client
+    checks health: refused INVALID_ARGUMENT by its length, the loop never stalls 20 ms,
+    health stays SERVING. A 20,000-character prompt (under the character bound, so it is
+    tokenized: on the tokenizing threads) is refused by its token count the same way."""
+    stalls: list[float] = []
+    stop = threading.Event()
+
+    async def heartbeat() -> None:
+        last = time.perf_counter()
+        while not stop.is_set():
+            await asyncio.sleep(0.001)
+            now = time.perf_counter()
+            stalls.append(now - last - 0.001)
+            last = now
+
+    beat = asyncio.run_coroutine_threadsafe(heartbeat(), live_server.loop)
+    callers = subprocess.Popen([sys.executable, "-c", LONG_PROMPTS, live_server.address],
+                               stdout=subprocess.PIPE, text=True)
+    try:
+        out, _ = callers.communicate(timeout=120)
+    finally:
+        stop.set()
+        callers.kill()
+    beat.result(10)
+    assert callers.returncode == 0
+    replies = json.loads(out)
+    (huge, huge_why), (long, long_why), (again, _) = replies["outcomes"]
+    assert huge == long == again == "INVALID_ARGUMENT", replies["outcomes"]
+    assert "characters cannot fit max_model_len 256" in huge_why, huge_why
+    assert "exceeds max_model_len 256" in long_why, long_why
+    assert replies["health"] and all(replies["health"])
+    print(f"max loop stall {max(stalls) * 1000:.2f} ms over {len(stalls)} beats")
+    assert max(stalls) < 0.020, f"event loop stalled {max(stalls) * 1000:.1f} ms"
 
 
 def histogram(url: str, name: str, adapter: str) -> tuple[float, float]:
@@ -162,3 +234,51 @@ def test_cold_slot_loads_do_not_stall_the_event_loop(tmp_path, tmp_path_factory)
         stop.set()
         callers.kill()
         server.stop()
+
+
+def test_a_flood_of_adapter_listings_runs_on_a_few_threads(live_server, monkeypatch):
+    """200 concurrent `GET /v1/models` and 50 `ListAdapters` against an adapter root whose
+    scan takes 50 ms: every one answers, and no more than READ_THREADS listing threads
+    per front-end run at once (each read used to start a thread of its own)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from server.service.daemon_thread import READ_THREADS
+
+    real_names = live_server.cache.store.names
+
+    def slow_names() -> list[str]:
+        time.sleep(0.05)  # the injected slow file system
+        return real_names()
+
+    peak = [0]
+    done = threading.Event()
+
+    def watch() -> None:
+        while not done.is_set():
+            running = sum(t.name == "switchboard-list" for t in threading.enumerate())
+            peak[0] = max(peak[0], running)
+            time.sleep(0.002)
+
+    monkeypatch.setattr(live_server.cache.store, "names", slow_names)
+    url = live_server.server.http_url + "/models"
+    stub = live_server.stub()
+
+    def http_read(_: int) -> int:
+        with urllib.request.urlopen(url, timeout=60) as response:
+            return len(json.loads(response.read())["data"])
+
+    def grpc_read(_: int) -> int:
+        return len(stub.ListAdapters(pb.ListAdaptersRequest(), timeout=60).adapters)
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    try:
+        with ThreadPoolExecutor(64) as pool:
+            http_counts = list(pool.map(http_read, range(200)))
+            grpc_counts = list(pool.map(grpc_read, range(50)))
+    finally:
+        done.set()
+        watcher.join(10)
+    assert set(http_counts) == {http_counts[0]} and http_counts[0] >= 3
+    assert set(grpc_counts) == {grpc_counts[0]} and grpc_counts[0] >= 3
+    assert 1 <= peak[0] <= 2 * READ_THREADS, peak[0]

@@ -35,7 +35,6 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from server.adapters.store import (
-    AdapterLocation,
     AdapterStore,
     Signature,
     signature,
@@ -194,12 +193,16 @@ class AdapterCache:
             return self._start_load(name)
 
     def _start_load(self, name: str) -> Future[_Entry]:
-        """A load of the folder's current contents; joins one already under way."""
+        """A load of the folder's current contents; joins one already under way.
+
+        The folder is looked up on the loader thread, not here: callers hold no disk
+        work under the lock (a slow adapter root would stall the engine thread, which
+        takes the lock to claim slots and release leases) and the event loop awaiting a
+        lease does none either. An unknown name fails its future with NotFound."""
         with self._lock:
             future = self._loading.get(name)
             if future is None or future.cancelled():
-                location = self.store.locate(name)  # NotFound / Refused raise here
-                future = self._executor.submit(self._load, name, location)
+                future = self._executor.submit(self._load, name)
                 self._loading[name] = future
             return future
 
@@ -210,8 +213,14 @@ class AdapterCache:
             entry.version_pins += 1
             return AdapterLease(self, entry)
 
-    def _load(self, name: str, location: AdapterLocation) -> _Entry:
+    def _load(self, name: str) -> _Entry:
         started = time.perf_counter()
+        try:
+            location = self.store.locate(name)  # NotFound / Refused: not a load failure
+        except BaseException:
+            with self._lock:
+                self._loading.pop(name, None)
+            raise
         sig = signature(location.folder)
         try:
             if self.load_hook is not None:
@@ -440,13 +449,13 @@ class AdapterCache:
         with self._lock:
             entries = [e for e in (self._current.pop(name, None),
                                    self._previous.pop(name, None)) if e is not None]
-            if not entries:
-                self.store.locate(name)  # NotFound for names that do not exist
             for entry in entries:
                 if entry.version_pins == 0:
                     self._drop(entry)
                 elif entry.slot_pins == 0:
                     self._free_slot(entry)
+        if not entries:
+            self.store.locate(name)  # NotFound for names that do not exist (off the lock)
 
     def preload(self, names: list[str], timeout: float | None = None) -> dict[str, str]:
         """Load each adapter; returns the errors by name (a bad one does not stop others)."""
@@ -519,8 +528,11 @@ class AdapterCache:
         return failure[0] if failure else None
 
     def list_adapters(self) -> list[AdapterInfo]:
+        """Every adapter on disk or in memory. The disk scan runs without the lock: on a
+        network file system it can take long, and the engine thread must not wait."""
+        on_disk = self.store.names()
         with self._lock:
-            names = set(self.store.names()) | set(self._current)
+            names = set(on_disk) | set(self._current)
         return [self.info(name) for name in sorted(names)]
 
     def usage(self) -> dict[str, int]:

@@ -4,6 +4,10 @@ A Chinese character spans several byte-level BPE tokens in SmolLM2's tokenizer; 
 its last byte arrives the decoded text ends in U+FFFD, so that tail is held back. Text
 that could be the beginning of a stop string is held back too, so the streamed chunks
 always concatenate to exactly the final (unary) text, stop string excluded.
+
+With ``min_tokens`` (vLLM's semantics), a stop string ends the reply only if it is
+completed after the first ``min_tokens`` tokens: one lying wholly in the text of those
+tokens is part of the reply.
 """
 
 from __future__ import annotations
@@ -28,9 +32,12 @@ def _held_prefix_length(text: str, stops: tuple[str, ...]) -> int:
 
 
 class IncrementalDetokenizer:
-    def __init__(self, tokenizer: PreTrainedTokenizerBase, stop: tuple[str, ...] = ()) -> None:
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, stop: tuple[str, ...] = (),
+                 min_tokens: int = 0) -> None:
         self._tokenizer = tokenizer
         self._stop = stop
+        self._min_tokens = min_tokens
+        self._stop_from = 0  # a stop string must end after this character to count
         self._max_stop = max((len(s) for s in stop), default=0)
         self.token_ids: list[int] = []
         self._emitted = 0  # characters of the decoded text already returned
@@ -79,8 +86,11 @@ class IncrementalDetokenizer:
 
     def _advance(self, stable: str, final: bool) -> str:
         if self._stop:
+            if len(self.token_ids) <= self._min_tokens:
+                self._stop_from = len(stable)  # still within the first min_tokens tokens
             start = max(0, self._searched - self._max_stop + 1)
-            hits = [i for s in self._stop if (i := stable.find(s, start)) != -1]
+            hits = [i for s in self._stop
+                    if (i := stable.find(s, max(start, self._stop_from - len(s) + 1))) != -1]
             if hits:
                 self.stopped = True
                 return self._emit(stable[: min(hits)])

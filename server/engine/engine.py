@@ -115,6 +115,9 @@ class Engine:
         self.cache = self.runner.cache
         self.vocab_size = int(self.runner.model.config.vocab_size)
         self.eos_ids = _eos_ids(model, tokenizer)
+        self._eos_index = torch.tensor(sorted(i for i in self.eos_ids if i < self.vocab_size),
+                                       dtype=torch.long, device=self.device)
+        """EOS columns of the logits, masked for rows still under their min_tokens."""
 
         self.trace: deque[StepTrace] = deque(maxlen=self.config.trace_capacity)
         self.fault_hook: Callable[[int], None] | None = None
@@ -291,13 +294,16 @@ class Engine:
             if row.prefilling:
                 row.computed += segment.length
         # Greedy rows without a penalty (most traffic) share one argmax over the batch
-        # instead of one small op (and on CUDA one device sync) per row.
+        # instead of one small op (and on CUDA one device sync) per row. Rows under their
+        # min_tokens have EOS masked first, so the shared argmax and the sampler alike
+        # never pick it for them.
         count = len(step.logit_rows)
         if scored:
             self._record_prompt_logprobs(logits[count:], scored)
-        best = logits[:count].argmax(dim=-1).tolist() if count else []
+        choosing = self._mask_eos(logits[:count], [rows[i] for i in step.logit_rows])
+        best = choosing.argmax(dim=-1).tolist() if count else []
         for logit_index, seg_index in enumerate(step.logit_rows):
-            self._advance(rows[seg_index], logits[logit_index], best[logit_index])
+            self._advance(rows[seg_index], choosing[logit_index], best[logit_index])
         self.trace.append(StepTrace(
             step_no, tuple(r.request.request_id for r in rows), prefill, started_at,
             time.perf_counter() - started,
@@ -350,7 +356,8 @@ class Engine:
                 row.slots = tuple(zip(slots, (float(c) for _, c in request.adapter_uses()),
                                       strict=True))
             try:
-                row.detok = IncrementalDetokenizer(self.tokenizer, request.sampling.stop)
+                row.detok = IncrementalDetokenizer(self.tokenizer, request.sampling.stop,
+                                                   request.sampling.min_tokens)
                 if not request.sampling.greedy:
                     row.generator = make_generator(request.sampling.seed, self.device)
             except Exception as exc:  # fails its own request only; frees its row and slot
@@ -421,6 +428,18 @@ class Engine:
         for row, ids in scored:
             row.prompt_logprobs.extend(logprobs[offset : offset + len(ids)])
             offset += len(ids)
+
+    def _mask_eos(self, logits: torch.Tensor, rows: list[_Row]) -> torch.Tensor:
+        """``logits`` (one row per entry of ``rows``) with the EOS columns at -inf for the
+        rows that have generated fewer than their min_tokens; a copy only when some do."""
+        held = [i for i, row in enumerate(rows)
+                if len(row.generated) < row.request.sampling.min_tokens]
+        if not held or not self._eos_index.numel():
+            return logits
+        index = torch.tensor(held, dtype=torch.long, device=logits.device)
+        masked = logits.clone()
+        masked[index[:, None], self._eos_index[None, :]] = -math.inf
+        return masked
 
     def _advance(self, row: _Row, logits: torch.Tensor, best: int) -> None:
         """Append the row's next token (``best`` is its logits' argmax) and emit text."""

@@ -42,6 +42,10 @@ class SamplingParams:
     """Generation ends before the first occurrence of any of these; excluded from output."""
     ignore_eos: bool = False
     """Keep generating past EOS until max_new_tokens (benchmarks: fixed output length)."""
+    min_tokens: int = 0
+    """EOS is masked, and stop strings do not end the reply, until this many tokens are
+    generated (vLLM's ``min_tokens``; at most max_new_tokens): a base model that would
+    stop after 3 tokens still gives a benchmark the length it asked for."""
 
     @property
     def greedy(self) -> bool:
@@ -58,6 +62,14 @@ class SamplingParams:
             raise InvalidRequest(
                 f"max_new_tokens {self.max_new_tokens} exceeds the limit {max_new_tokens_limit}",
                 "max_new_tokens")
+        if not isinstance(self.ignore_eos, bool):
+            raise InvalidRequest("ignore_eos must be a boolean", "ignore_eos")
+        if isinstance(self.min_tokens, bool) or not isinstance(self.min_tokens, int) or \
+                not 0 <= self.min_tokens <= self.max_new_tokens:
+            raise InvalidRequest(
+                f"min_tokens must be an integer between 0 and max_new_tokens "
+                f"({self.max_new_tokens}; max_tokens in the OpenAI API), got "
+                f"{str(self.min_tokens)[:24]}", "min_tokens")
         if not math.isfinite(self.temperature) or self.temperature < 0:
             raise InvalidRequest(
                 f"temperature must be a finite number >= 0, got {self.temperature}",

@@ -1,4 +1,5 @@
-"""The server's life: bind, load, serve, drain, stop. ``switchboard serve`` runs it.
+"""The server's life: bind, load, serve, drain, stop. ``switchboard serve`` runs it
+(``server/serve_cmd.py``).
 
 Start-up binds the gRPC port first, with the health service answering NOT_SERVING and
 generation answering UNAVAILABLE, so orchestrators can watch it come up; then it loads
@@ -12,17 +13,10 @@ then the engine and the pollers stop; the process exits 0.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
-import contextlib
 import logging
-import os
 import signal
-import sys
 import threading
-from collections.abc import Callable
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import grpc
@@ -31,47 +25,19 @@ from grpc_reflection.v1alpha import reflection
 
 from protos.switchboard.v1 import switchboard_pb2 as pb
 from protos.switchboard.v1 import switchboard_pb2_grpc as pb_grpc
-from server.basemodel.source import DEFAULT_GGUF_NAME
-from server.errors import SwitchboardError
 from server.service.auth import KeyChecker
 from server.service.calls import CallRunner, ServiceState
-from server.service.config import DEFAULT_CONFIG_PATH, ServerConfig, load_config, parse_assignments
+from server.service.config import ServerConfig
 from server.service.daemon_thread import run_in_daemon_thread
 from server.service.http_api import HttpApi, HttpServer
-from server.service.logs import configure_logging
 from server.service.metrics import ServiceMetrics
 from server.service.servicer import SwitchboardServicer
-from server.service.stack import build_stack
+from server.service.stack import Backend, base_model_id, build_stack
+from server.service.tls import TlsFiles, cleartext_warning
 
 log = logging.getLogger("switchboard.server")
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Switchboard"].full_name
-
-
-def base_model_id(source: str) -> str:
-    """The base model's name in the HTTP API (``model`` and ``/v1/models``)."""
-    if source == "default":
-        return DEFAULT_GGUF_NAME.split(".")[0]
-    return Path(source.rstrip("/")).name.removesuffix(".gguf")
-
-
-@dataclass
-class Backend:
-    """What the front-ends serve from: the engine stack in this process, or a cluster's
-    replicas. ``adapters`` answers the admin rpcs (an AdapterCache or alike)."""
-
-    dispatcher: Any
-    adapters: Any
-    model_id: str
-    """The base model's name in the HTTP API."""
-    poll: Callable[[], object]
-    """Adapter folders and the routing table, checked every ``poll_interval_s``."""
-    close: Callable[[], None]
-    routing: Any = None
-    """The :class:`RoutingTableFile` the dispatcher routes by."""
-    engine: Any = None
-    cache: Any = None
-    watcher: Any = None
 
 
 class SwitchboardServer:
@@ -96,6 +62,8 @@ class SwitchboardServer:
         self.routing: Any = None
         self.ready = asyncio.Event()
         self._stopped = asyncio.Event()
+        self._drained = True
+        """Whether the shutdown's drain ended every call in flight within the grace."""
         self._stop_polling = threading.Event()
         self._publish = threading.Lock()
         """Orders "the load publishes the engine" against "shutdown starts draining"."""
@@ -107,10 +75,11 @@ class SwitchboardServer:
 
     @property
     def http_url(self) -> str:
-        """The OpenAI-compatible API's base URL ('' when it is off)."""
+        """The OpenAI-compatible API's base URL ('' when it is off): https with TLS."""
         host = self.config.host
         host = f"[{host}]" if ":" in host else host
-        return f"http://{host}:{self.http_port}/v1" if self.http_port >= 0 else ""
+        scheme = "https" if self.config.tls_cert else "http"
+        return f"{scheme}://{host}:{self.http_port}/v1" if self.http_port >= 0 else ""
 
     # -- start ---------------------------------------------------------------------------
     async def start(self) -> None:
@@ -126,9 +95,12 @@ class SwitchboardServer:
         for service in ("", SERVICE_NAME):
             await self.health.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
         target = f"{cfg.host}:{cfg.port}"
-        if cfg.tls_cert:
-            credentials = grpc.ssl_server_credentials([(
-                cfg.resolve(cfg.tls_key).read_bytes(), cfg.resolve(cfg.tls_cert).read_bytes())])
+        tls = TlsFiles.of(cfg)  # one certificate for both front-ends; checked before binding
+        warning = cleartext_warning(cfg)
+        if warning is not None:
+            log.warning(warning)
+        if tls is not None:
+            credentials = grpc.ssl_server_credentials([(tls.key, tls.cert)])
             self.port = self.server.add_secure_port(target, credentials)
         else:
             self.port = self.server.add_insecure_port(target)
@@ -136,7 +108,7 @@ class SwitchboardServer:
         if cfg.metrics_port >= 0:
             self.metrics_port = self.metrics.serve(cfg.host, cfg.metrics_port)
         if cfg.http_port >= 0:
-            self.http_port = await self.http.start(cfg.host, cfg.http_port)
+            self.http_port = await self.http.start(cfg.host, cfg.http_port, tls)
         log.info("listening (not serving until loaded)", extra={"fields": {
             "address": self.address, "tls": bool(cfg.tls_cert),
             "metrics_port": self.metrics_port, "http_port": self.http_port}})
@@ -186,8 +158,7 @@ class SwitchboardServer:
             stack.routing.check()
 
         def stop() -> None:
-            stack.engine.stop(False, 10.0)
-            stack.cache.close()
+            stack.close(False, 10.0)
 
         return Backend(stack.dispatcher, stack.cache, base_model_id(stack.base.info.source),
                        poll, stop, routing=stack.routing, engine=stack.engine,
@@ -204,11 +175,12 @@ class SwitchboardServer:
                 log.exception("poll failed")
 
     # -- stop ----------------------------------------------------------------------------
-    async def shutdown(self, grace: float | None = None) -> None:
-        """Drain and stop; safe to call more than once."""
+    async def shutdown(self, grace: float | None = None) -> bool:
+        """Drain and stop; safe to call more than once. Whether every call in flight
+        finished within the grace period (False: the rest were cancelled)."""
         if self.state.draining:
             await self._stopped.wait()
-            return
+            return self._drained
         grace = self.config.grace_period_s if grace is None else grace
         with self._publish:  # a load finishing now either sees this or is stopped below
             self.state.draining = True
@@ -216,6 +188,7 @@ class SwitchboardServer:
                                                "grace_s": grace}})
         await self.health.enter_graceful_shutdown()
         finished = await self.state.wait_idle(grace)
+        self._drained = finished
         if not finished:
             log.warning("grace period over; cancelling the calls still running",
                         extra={"fields": {"in_flight": self.state.in_flight}})
@@ -230,6 +203,7 @@ class SwitchboardServer:
         self.metrics.close()
         log.info("stopped")
         self._stopped.set()
+        return finished
 
     async def wait_stopped(self) -> None:
         await self._stopped.wait()
@@ -258,90 +232,3 @@ async def serve(config: ServerConfig, announce: bool = True) -> int:
         start.cancel()
     await server.shutdown()
     return 0
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="switchboard serve",
-        description="Run the Switchboard gRPC server (settings: server/config.yaml).")
-    parser.add_argument("--config", default=str(DEFAULT_CONFIG_PATH),
-                        help="YAML settings file (default: server/config.yaml)")
-    parser.add_argument("--host", help="address to bind (default 127.0.0.1)")
-    parser.add_argument("--port", type=int, help="gRPC port (0: a free one)")
-    parser.add_argument("--metrics-port", type=int, help="metrics port (-1: off)")
-    parser.add_argument("--http-port", type=int,
-                        help="OpenAI-compatible HTTP API port (0: a free one; -1: off)")
-    parser.add_argument("--base-model", help="default, a .gguf file or an HF folder")
-    parser.add_argument("--quantize", help="none, int8 or nf4")
-    parser.add_argument("--device", help="auto, cpu or cuda")
-    parser.add_argument("--adapters", action="append", dest="adapter_roots",
-                        help="adapter root folder (repeatable)")
-    parser.add_argument("--routing-table", help="routing table YAML")
-    parser.add_argument("--log-json", action="store_true", default=None,
-                        help="one JSON object per log line")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="any setting, e.g. --set engine.max_loras=16 (repeatable)")
-    cluster = parser.add_argument_group(
-        "cluster", "scale-out on Ray Serve (pip install 'switchboard[cluster]'; "
-        "docs/cluster.md); settings under cluster: in the config file")
-    cluster.add_argument("--cluster", action="store_true",
-                         help="serve through replicas on a Ray cluster")
-    cluster.add_argument("--address", help="Ray cluster to join: auto or HOST:PORT "
-                         "(default: start a local one)")
-    cluster.add_argument("--replicas", type=int, help="replicas of the base model")
-    return parser
-
-
-def main(argv: list[str]) -> int:
-    """``switchboard serve ...``: ``argv`` starts with the command name (dispatch table)."""
-    args = build_parser().parse_args(argv[1:])
-    try:
-        overrides = parse_assignments(args.set)
-        for key in ("host", "port", "metrics_port", "http_port", "base_model", "quantize", "device",
-                    "adapter_roots", "routing_table", "log_json"):
-            value = getattr(args, key)
-            if value is not None:
-                overrides[key] = value
-        for key in ("address", "replicas"):
-            value = getattr(args, key)
-            if value is not None:
-                overrides.setdefault("cluster", {})[key] = value
-        config = load_config(Path(args.config), overrides)
-    except SwitchboardError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    configure_logging(config.log_json, config.log_level)
-    log.info("configuration", extra={"fields": {"config": config.public_dict()}})
-    code = 1
-    try:
-        if args.cluster:
-            from server.cluster.launcher import run as run_cluster
-
-            code = run_cluster(config)
-        else:
-            code = asyncio.run(serve(config))
-    except SwitchboardError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        code = 2
-    except (OSError, RuntimeError) as exc:  # e.g. the port is taken, a TLS file is missing
-        print(f"error: {str(exc).splitlines()[0][:200]}", file=sys.stderr)
-        code = 2
-    except BaseException:
-        log.exception("the server failed")
-    finally:
-        exit_process(code)
-    return code  # not reached
-
-
-def exit_process(code: int) -> None:
-    """End the process now that the server has stopped and its logs are flushed.
-
-    A worker thread blocked for ever (an adapter load reading a file on a hung disk)
-    would otherwise keep the interpreter waiting at exit: ``concurrent.futures`` joins
-    its workers then, daemon or not.
-    """
-    with contextlib.suppress(Exception):  # e.g. a closed pipe: exit all the same
-        logging.shutdown()
-        sys.stdout.flush()
-        sys.stderr.flush()
-    os._exit(code)

@@ -68,6 +68,10 @@ class CallFields:
     repetition_penalty: float | None = None
     seed: int | None = None
     stop: tuple[str, ...] = ()
+    ignore_eos: bool = False
+    """Generate max_new_tokens whatever the model says (benchmarks, load tests)."""
+    min_tokens: int | None = None
+    """No EOS and no stop string before this many tokens (vLLM's ``min_tokens``)."""
     request_id: str = ""
     timeout_s: float | None = None
     """A deadline from receipt the request itself sets (HTTP); gRPC's is the context's."""
@@ -133,6 +137,8 @@ def validate_call(fields: CallFields, limits: CallLimits, deadline: float | None
         else fields.repetition_penalty,
         seed=fields.seed,
         stop=tuple(fields.stop),
+        ignore_eos=fields.ignore_eos,
+        min_tokens=0 if fields.min_tokens is None else fields.min_tokens,
     )
     sampling.validate(limits.max_new_tokens_limit)
     text = (fields.text if kind == InputKind.TEXT else fields.prompt) or ""

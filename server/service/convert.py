@@ -50,6 +50,7 @@ def call_fields(request: pb.GenerateRequest) -> CallFields:
         temperature=optional("temperature"), top_p=optional("top_p"), top_k=optional("top_k"),
         repetition_penalty=optional("repetition_penalty"), seed=optional("seed"),
         stop=tuple(request.stop), request_id=request.request_id,
+        ignore_eos=request.ignore_eos, min_tokens=optional("min_tokens"),
         adapters=tuple((ref.name, ref.weight_scale if ref.HasField("weight_scale") else None)
                        for ref in request.adapters))
 

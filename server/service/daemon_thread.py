@@ -16,6 +16,9 @@ from typing import Any, TypeVar
 
 T = TypeVar("T")
 
+READ_THREADS = 4
+"""Threads one front-end runs adapter listings on at once (see BoundedDaemonThreads)."""
+
 
 async def run_in_daemon_thread(fn: Callable[..., T], *args: Any, name: str = "switchboard-work"
                                ) -> T:
@@ -43,3 +46,20 @@ async def run_in_daemon_thread(fn: Callable[..., T], *args: Any, name: str = "sw
 
     threading.Thread(target=work, name=name, daemon=True).start()
     return await done
+
+
+class BoundedDaemonThreads:
+    """At most ``limit`` daemon threads at once for one kind of work (reads such as
+    listing adapters, which anyone with a key may send in a flood); callers over the
+    limit wait their turn on the loop instead of each starting a thread."""
+
+    def __init__(self, limit: int, name: str) -> None:
+        self.limit, self.name = limit, name
+        self._slots: asyncio.Semaphore | None = None
+        """Made on first use, inside the loop that serves the calls."""
+
+    async def run(self, fn: Callable[..., T], *args: Any) -> T:
+        if self._slots is None:
+            self._slots = asyncio.Semaphore(self.limit)
+        async with self._slots:
+            return await run_in_daemon_thread(fn, *args, name=self.name)

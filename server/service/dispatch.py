@@ -11,7 +11,6 @@ from __future__ import annotations
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from enum import StrEnum
 from typing import Any, Protocol
 
 from server.adapters.cache import AdapterCache, AdapterLease
@@ -21,27 +20,12 @@ from server.engine.sampling import SamplingParams
 from server.errors import (
     AdapterIncompatible,
     AdapterNotFound,
-    InvalidRequest,
-    PromptTemplateError,
     SwitchboardError,
 )
-from server.formats.prompt import build_prompt
+from server.service.prompts import InputKind, PromptMaker, TemplateSource
 from server.service.routing import Route, RouteDecision, RoutingTable
 
 CHAT_ROLES = ("system", "user", "assistant")
-
-
-class InputKind(StrEnum):
-    TEXT = "text"
-    PROMPT = "prompt"
-    MESSAGES = "messages"
-
-
-class TemplateSource(StrEnum):
-    ADAPTER = "adapter"
-    ROUTING_TABLE = "routing_table"
-    NONE = "none"
-    CHAT = "chat"
 
 
 @dataclass(frozen=True)
@@ -143,11 +127,15 @@ class Dispatcher:
         self.cache = cache
         self.tokenizer = tokenizer
         self.routing = routing
+        self.prompts = PromptMaker(tokenizer, engine.config.max_model_len)
 
     @property
     def engine_config(self) -> Any:
         """The :class:`EngineConfig` whose limits every call is validated against."""
         return self.engine.config
+
+    def close(self) -> None:
+        self.prompts.close()
 
     async def start(self, call: Call) -> Dispatched:
         """Route, lease the adapters, build the prompt and submit; raise a domain error."""
@@ -167,7 +155,8 @@ class Dispatcher:
         leased_at = time.monotonic()
         try:
             manifest = leases[0].manifest if leases else None
-            prompt_ids, source, template = self._prompt(call, manifest, table)
+            prompt_ids, source, template = await self.prompts.tokens(
+                call, manifest, table.prompt_template)
             scales = [self._scale(lease, asked, call) for lease, (_, asked)
                       in zip(leases, decision.uses, strict=True)]
             request = GenerationRequest(
@@ -212,15 +201,12 @@ class Dispatcher:
             return [], "", decision
         try:
             return await self._lease_all(decision), "", decision
-        except AdapterNotFound as exc:
-            if decision.route == Route.EXPLICIT:
-                names = ", ".join(self.cache.store.names()[:20]) or "none"
-                raise AdapterNotFound(f"{exc} (available: {names})") from None
-            problem: SwitchboardError = exc
-        except AdapterIncompatible as exc:
+        except (AdapterNotFound, AdapterIncompatible) as exc:
+            # NotFound already lists the adapters on disk (the store's lookup, made on
+            # the cache's loader thread): nothing is scanned again here, on the loop.
             if decision.route == Route.EXPLICIT:
                 raise
-            problem = exc
+            problem: SwitchboardError = exc
         if table.fallback == "error":
             raise problem
         reason = f"{decision.route.value} route to '{decision.label}' failed: {problem}"
@@ -238,26 +224,3 @@ class Dispatcher:
                 lease.release()
             raise
         return leases
-
-    def _prompt(self, call: Call, manifest: Any, table: RoutingTable
-                ) -> tuple[list[int], TemplateSource, str]:
-        if call.kind == InputKind.TEXT:
-            if manifest is not None:
-                template, source = manifest.prompt_template, TemplateSource.ADAPTER
-            else:
-                template, source = table.prompt_template, TemplateSource.ROUTING_TABLE
-            try:
-                return build_prompt(template, call.text, self.tokenizer), source, template
-            except PromptTemplateError as exc:  # a bad template is the server's problem
-                raise SwitchboardError(f"prompt template of the route is invalid: {exc}") \
-                    from None
-        if call.kind == InputKind.PROMPT:
-            ids: list[int] = self.tokenizer.encode(call.text, add_special_tokens=False)
-            return ids, TemplateSource.NONE, ""
-        if getattr(self.tokenizer, "chat_template", None) is None:
-            raise InvalidRequest("messages: this base model's tokenizer has no chat template")
-        chat = [{"role": role, "content": content} for role, content in call.messages]
-        ids = self.tokenizer.apply_chat_template(chat, add_generation_prompt=True,
-                                                 tokenize=True, return_dict=False)
-        return list(ids), TemplateSource.CHAT, ""
-

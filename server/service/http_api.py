@@ -9,6 +9,8 @@ becomes an HTTP status and an OpenAI error body through one table (:data:`HTTP_E
   error before the first event is an HTTP error; one after it (a deadline) is a last
   ``data: {"error": ...}`` event.
 - ``GET /v1/models``: the base model and every servable adapter.
+- ``POST /v1/load_lora_adapter``, ``POST /v1/unload_lora_adapter``: vLLM's runtime LoRA
+  endpoints over the admin rpcs (admin key; ``lora_api.py``).
 - ``GET /health`` (the process answers) and ``GET /ready`` (503 until the model and the
   preloaded adapters are in, and again while draining), for load balancers.
 
@@ -17,6 +19,11 @@ A client that goes away cancels its call: each response watches for the ASGI
 so the engine row leaves the batch at its next step (the same guarantee as a gRPC
 cancel). Uvicorn runs in the gRPC server's event loop, so both front-ends share one
 loop, one engine and one dispatcher; the Switchboard server, not uvicorn, owns SIGTERM.
+
+With ``tls_cert``/``tls_key`` set the API is HTTPS only, with the gRPC port's
+certificate (``tls.py``); plain HTTP on a network address is then refused at start.
+A generation call's key is checked before a byte of its body is read: a caller without
+a valid key gets 401 and a closed connection, and costs the server no body at all.
 """
 
 from __future__ import annotations
@@ -26,6 +33,7 @@ import contextlib
 import json
 import logging
 import socket
+import ssl
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from typing import Any
@@ -34,17 +42,20 @@ import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.routing import APIRoute
 from fastapi.sse import format_sse_event
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 from starlette.types import Receive, Scope, Send
 
 from server.adapters.cache import AdapterCache
-from server.errors import InvalidRequest, SwitchboardError
+from server.errors import InternalError, InvalidRequest, SwitchboardError
 from server.service import openai_api
-from server.service.calls import CallContext, CallRunner, Finished, Started
-from server.service.daemon_thread import run_in_daemon_thread
+from server.service.calls import CallContext, CallFields, CallRunner, Finished, Started
+from server.service.daemon_thread import READ_THREADS, BoundedDaemonThreads
+from server.service.lora_api import LoraAdapterRoutes
 from server.service.status import Status, status_of
+from server.service.tls import TlsFiles, plain_http_refusal
 
 log = logging.getLogger("switchboard.http")
 
@@ -122,6 +133,28 @@ def error_response(exc: SwitchboardError | HttpError,
     return JSONResponse(body, code, headers={**(headers or {}), **extra})
 
 
+def route_hint(app: FastAPI, method: str, path: str, status: int) -> str:
+    """The message of a request no route takes: the route meant, when one is close.
+
+    The common slip is a base URL without ``/v1`` (``http://HOST:8000`` for the openai
+    client's ``base_url``), which sends ``/completions``; a bare "Not Found" does not say so.
+    """
+    routes = [(route, sorted(route.methods or ())) for route in app.routes
+              if isinstance(route, APIRoute)]
+    shown = repr(path[:80])
+    if status == 405:
+        allowed = sorted({m for r, methods in routes if r.path_regex.match(path)
+                          for m in methods})
+        return f"{method} is not served on {shown}; use {' or '.join(allowed) or 'another path'}"
+    if not path.startswith("/v1/"):
+        meant = [methods for r, methods in routes if r.path_regex.match("/v1" + path)]
+        if meant:
+            return (f"no route {shown}: the OpenAI API is under /v1 (base URL "
+                    f"http://HOST:PORT/v1), e.g. {' or '.join(meant[0])} /v1{path[:80]}")
+    listing = ", ".join(f"{' or '.join(methods)} {r.path}" for r, methods in routes)
+    return f"no route {shown}; served: {listing}"
+
+
 class _EventStream(StreamingResponse):
     """SSE that cancels its producer the moment the client disconnects (ASGI
     ``http.disconnect``), not at the next failed write, and always closes it."""
@@ -187,6 +220,7 @@ class HttpApi:
         self.cache: AdapterCache | None = None
         self.base_id = "base"
         self.created = int(time.time())
+        self.reads = BoundedDaemonThreads(READ_THREADS, "switchboard-list")
         self.app = self._build_app()
 
     def attach(self, cache: AdapterCache, base_id: str) -> None:
@@ -204,9 +238,12 @@ class HttpApi:
                                allow_methods=["GET", "POST"], allow_headers=["*"])
 
         @app.exception_handler(StarletteHTTPException)
-        async def http_error(_request: Request, exc: StarletteHTTPException) -> Response:
+        async def http_error(request: Request, exc: StarletteHTTPException) -> Response:
             kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
-            return JSONResponse(error_body(str(exc.detail), kind), exc.status_code)
+            message = str(exc.detail)
+            if message in ("Not Found", "Method Not Allowed"):  # the router's: say where to go
+                message = route_hint(app, request.method, request.url.path, exc.status_code)
+            return JSONResponse(error_body(message, kind), exc.status_code)
 
         @app.exception_handler(Exception)
         async def unexpected(_request: Request, exc: Exception) -> Response:
@@ -220,6 +257,9 @@ class HttpApi:
         app.add_api_route("/v1/models/{model_id}", self.model, methods=["GET"])
         app.add_api_route("/v1/chat/completions", self.chat, methods=["POST"])
         app.add_api_route("/v1/completions", self.completions, methods=["POST"])
+        lora = LoraAdapterRoutes(self.runner, lambda: self.cache)
+        app.add_api_route("/v1/load_lora_adapter", lora.load, methods=["POST"])
+        app.add_api_route("/v1/unload_lora_adapter", lora.unload, methods=["POST"])
         return app
 
     # -- probes and models ---------------------------------------------------------------
@@ -251,7 +291,7 @@ class HttpApi:
 
     async def _model_rows(self) -> list[dict[str, Any]]:
         assert self.cache is not None
-        infos = await run_in_daemon_thread(self.cache.list_adapters)
+        infos = await self.reads.run(self.cache.list_adapters)
         return [openai_api.model_entry(self.base_id, self.created, "switchboard",
                                        parent=None, aliases=["base"]),
                 *openai_api.adapter_entries(infos, self.base_id, self.created)]
@@ -274,6 +314,11 @@ class HttpApi:
         return await self._generate(request, chat=False)
 
     async def _generate(self, request: Request, chat: bool) -> Response:
+        context = CallContext(protocol="http", authorization=request.headers.get("authorization"))
+        try:
+            self.runner.check_key(context.authorization)
+        except SwitchboardError:
+            return await self._refuse_unkeyed(context)
         try:
             raw = await self._read_body(request)
         except HttpError as exc:
@@ -288,7 +333,6 @@ class HttpApi:
             parsed.append(parse(body, self.base_ids))
             return parsed[0].fields
 
-        context = CallContext(protocol="http", authorization=request.headers.get("authorization"))
         items = self.runner.run(context, fields)
         try:
             started = await _until_disconnect(anext(items), request.receive)
@@ -316,6 +360,23 @@ class HttpApi:
         if finished is None:
             return Response(status_code=499)
         return JSONResponse(shaper.response(finished), headers=headers)
+
+    async def _refuse_unkeyed(self, context: CallContext) -> Response:
+        """A generation call without a valid key, refused before its body is read.
+
+        The runner refuses it as it refuses any call (its key check comes before it asks
+        for the fields), so metrics and the log line count it as before. The response
+        closes the connection: uvicorn would otherwise read and drop the rest of the
+        body to keep the connection alive, at the cost of whatever the caller sends.
+        """
+        items = self.runner.run(context, _no_fields)
+        try:
+            await anext(items)
+            raise InternalError("a call without a valid key was started")
+        except SwitchboardError as exc:
+            return error_response(exc, {"connection": "close"})
+        finally:
+            await items.aclose()
 
     async def _events(self, items: AsyncGenerator[Any, None], shaper: openai_api.ResponseShaper,
                       include_usage: bool) -> AsyncIterator[bytes]:
@@ -358,6 +419,11 @@ class HttpApi:
         return b"".join(chunks)
 
 
+def _no_fields() -> CallFields:
+    """The fields of a call refused for its key: never asked for."""
+    raise InternalError("the fields of a call without a valid key were asked for")
+
+
 async def _last(items: AsyncGenerator[Any, None]) -> Finished | None:
     last = None
     async for item in items:
@@ -387,8 +453,13 @@ class HttpServer:
         self._server: _EmbeddedUvicorn | None = None
         self._task: asyncio.Task[None] | None = None
 
-    async def start(self, host: str, port: int) -> int:
-        """Bind (``port`` 0: a free one) and start serving; return the bound port."""
+    async def start(self, host: str, port: int, tls: TlsFiles | None = None) -> int:
+        """Bind (``port`` 0: a free one) and start serving, over TLS with ``tls``; return
+        the bound port. Plain HTTP on a network address while the settings configure
+        TLS is refused (``tls.plain_http_refusal``), before anything is bound."""
+        refusal = None if tls is not None else plain_http_refusal(self.api.settings, host, port)
+        if refusal is not None:
+            raise OSError(refusal)
         sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
@@ -398,9 +469,16 @@ class HttpServer:
             raise OSError(f"HTTP port {host}:{port} cannot be bound: {exc.strerror}") from None
         sock.listen(128)
         sock.setblocking(False)
+
+        def tls_context(_config: uvicorn.Config, _default: Callable[[], ssl.SSLContext]
+                        ) -> ssl.SSLContext:
+            assert tls is not None
+            return tls.context
+
         config = uvicorn.Config(self.api.app, log_config=None, access_log=False,
                                 lifespan="off", timeout_graceful_shutdown=2,
-                                server_header=False)
+                                server_header=False,
+                                ssl_context_factory=None if tls is None else tls_context)
         self._server = _EmbeddedUvicorn(config)
         self._task = asyncio.create_task(self._server.serve(sockets=[sock]))
         while not self._server.started:

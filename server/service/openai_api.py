@@ -10,8 +10,10 @@ service's own rules (``calls.validate_call``) then apply exactly as on gRPC, and
 prompt template), ``base`` or the base model's id, or ``auto``, where Switchboard's
 routing fields (``dialect``, ``caller_number``, ``region``) and the routing table decide
 exactly as on gRPC; with ``model: auto``, ``adapters`` (``extra_body`` in the openai
-client) names a composition. Fields that would change the answer in ways not served (tools,
-logprobs, penalties, ``n`` > 1...) are refused by name rather than ignored.
+client) names a composition. vLLM's ``ignore_eos`` and ``min_tokens`` are served (load
+generators send them for fixed-length replies). Fields that would change the answer in
+ways not served (tools, logprobs, penalties, ``n`` > 1...) are refused by name rather
+than ignored.
 """
 
 from __future__ import annotations
@@ -71,6 +73,10 @@ def parse_body(raw: bytes) -> dict[str, Any]:
 
 def parse_chat(body: dict[str, Any], base_ids: tuple[str, ...]) -> OpenAIRequest:
     messages = body.get("messages")
+    if messages is None and "prompt" in body:  # a completion body sent to the chat route
+        raise InvalidRequest("messages is missing: /v1/chat/completions takes a list of "
+                             "{role, content} messages; send a prompt string to "
+                             "/v1/completions", "messages")
     if not isinstance(messages, list) or not messages:
         raise InvalidRequest("messages must be a non-empty list of {role, content} objects",
                              "messages")
@@ -83,6 +89,9 @@ def parse_completion(body: dict[str, Any], base_ids: tuple[str, ...]) -> OpenAIR
     if isinstance(prompt, list):
         raise InvalidRequest("prompt: a list of prompts is not served; send one string "
                              "per request", "prompt")
+    if prompt is None and "messages" in body:  # a chat body sent to the completions route
+        raise InvalidRequest("prompt is missing: /v1/completions takes a prompt string; "
+                             "send messages to /v1/chat/completions", "prompt")
     if not isinstance(prompt, str):
         raise InvalidRequest("prompt must be a string", "prompt")
     # The adapter's (or routing table's) template wraps the prompt, as gRPC's ``text``;
@@ -149,6 +158,8 @@ def _parse(body: dict[str, Any], base_ids: tuple[str, ...], *, text: str | None 
         top_k=_optional(body, "top_k", int),
         repetition_penalty=_optional(body, "repetition_penalty", float),
         seed=_optional(body, "seed", int), stop=stops,
+        ignore_eos=bool(_optional(body, "ignore_eos", bool)),
+        min_tokens=_optional(body, "min_tokens", int),
         request_id=_optional(body, "request_id", str) or "", timeout_s=timeout_s,
         user=_optional(body, "user", str) or "", adapters=adapters)
     return OpenAIRequest(
@@ -232,6 +243,7 @@ def switchboard_extra(dispatched: Dispatched, request_id: str) -> dict[str, Any]
     extra = {"route": dispatched.route.value, "route_detail": dispatched.route_detail,
             "adapter_version": dispatched.version, "fallback_reason": dispatched.fallback_reason,
             "weight_scale": dispatched.weight_scale, "request_id": request_id,
+            "template_source": dispatched.template_source.value,
             "adapters": [{"name": name, "version": version, "weight_scale": scale}
                          for name, version, scale in dispatched.adapters]}
     if dispatched.replica:

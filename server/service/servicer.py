@@ -22,11 +22,11 @@ from protos.switchboard.v1 import switchboard_pb2 as pb
 from protos.switchboard.v1 import switchboard_pb2_grpc as pb_grpc
 from server.adapters.cache import AdapterCache
 from server.engine.request import TokenChunk
-from server.errors import InvalidRequest, ServiceUnavailable, SwitchboardError
+from server.errors import InvalidRequest, SwitchboardError
 from server.service import convert
 from server.service.auth import authorization_header
 from server.service.calls import CallContext, CallRunner, Finished, Started
-from server.service.daemon_thread import run_in_daemon_thread
+from server.service.daemon_thread import READ_THREADS, BoundedDaemonThreads, run_in_daemon_thread
 from server.service.status import status_for
 
 log = logging.getLogger("switchboard.service")
@@ -39,6 +39,7 @@ class SwitchboardServicer(pb_grpc.SwitchboardServicer):
         self.state = runner.state
         self.metrics = runner.metrics
         self.cache: AdapterCache | None = None
+        self.reads = BoundedDaemonThreads(READ_THREADS, "switchboard-list")
 
     def attach(self, cache: AdapterCache) -> None:
         self.cache = cache
@@ -101,7 +102,7 @@ class SwitchboardServicer(pb_grpc.SwitchboardServicer):
                            context: grpc.aio.ServicerContext) -> pb.ListAdaptersResponse:
         async def run() -> pb.ListAdaptersResponse:
             assert self.cache is not None
-            infos = await run_in_daemon_thread(self.cache.list_adapters)
+            infos = await self.reads.run(self.cache.list_adapters)
             return pb.ListAdaptersResponse(adapters=[convert.adapter_status(i) for i in infos])
         return await self._admin(context, "ListAdapters", "", run)
 
@@ -136,8 +137,7 @@ class SwitchboardServicer(pb_grpc.SwitchboardServicer):
         try:
             self.runner.check_key(authorization_header(context.invocation_metadata()),
                                   admin=True)
-            if not self.state.ready or self.state.draining:
-                raise ServiceUnavailable("the server is starting or shutting down")
+            self.state.check_open()  # starting or shutting down: each says which
             response = await run()
         except SwitchboardError as exc:
             code = status_for(exc)

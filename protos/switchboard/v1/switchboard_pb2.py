@@ -24,45 +24,45 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\'protos/switchboard/v1/switchboard.proto\x12\x0eswitchboard.v1\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"\x9a\x04\n\x0fGenerateRequest\x12\x11\n\x04text\x18\x01 \x01(\tH\x00\x88\x01\x01\x12\x13\n\x06prompt\x18\x02 \x01(\tH\x01\x88\x01\x01\x12-\n\x08messages\x18\x03 \x03(\x0b\x32\x1b.switchboard.v1.ChatMessage\x12\x0f\n\x07\x64ialect\x18\x04 \x01(\t\x12\x15\n\rcaller_number\x18\x05 \x01(\t\x12\x0e\n\x06region\x18\x06 \x01(\t\x12\x19\n\x0cweight_scale\x18\x07 \x01(\x02H\x02\x88\x01\x01\x12\x1b\n\x0emax_new_tokens\x18\x08 \x01(\x05H\x03\x88\x01\x01\x12\x18\n\x0btemperature\x18\t \x01(\x02H\x04\x88\x01\x01\x12\x12\n\x05top_p\x18\n \x01(\x02H\x05\x88\x01\x01\x12\x12\n\x05top_k\x18\x0b \x01(\x05H\x06\x88\x01\x01\x12\x1f\n\x12repetition_penalty\x18\x0c \x01(\x02H\x07\x88\x01\x01\x12\x11\n\x04seed\x18\r \x01(\x04H\x08\x88\x01\x01\x12\x0c\n\x04stop\x18\x0e \x03(\t\x12\x12\n\nrequest_id\x18\x0f \x01(\t\x12,\n\x08\x61\x64\x61pters\x18\x10 \x03(\x0b\x32\x1a.switchboard.v1.AdapterRefB\x07\n\x05_textB\t\n\x07_promptB\x0f\n\r_weight_scaleB\x11\n\x0f_max_new_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x15\n\x13_repetition_penaltyB\x07\n\x05_seed\"W\n\nAdapterRef\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x19\n\x0cweight_scale\x18\x03 \x01(\x02H\x00\x88\x01\x01\x42\x0f\n\r_weight_scale\"M\n\x07Timings\x12\x10\n\x08queue_ms\x18\x01 \x01(\x01\x12\x1e\n\x16time_to_first_token_ms\x18\x02 \x01(\x01\x12\x10\n\x08total_ms\x18\x03 \x01(\x01\"\xee\x03\n\x10GenerateResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12+\n\x07\x61\x64\x61pter\x18\x02 \x01(\x0b\x32\x1a.switchboard.v1.AdapterRef\x12$\n\x05route\x18\x03 \x01(\x0e\x32\x15.switchboard.v1.Route\x12\x14\n\x0croute_detail\x18\x04 \x01(\t\x12\x17\n\x0f\x66\x61llback_reason\x18\x05 \x01(\t\x12\x33\n\rfinish_reason\x18\x06 \x01(\x0e\x32\x1c.switchboard.v1.FinishReason\x12\x15\n\rprompt_tokens\x18\x07 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x08 \x01(\r\x12\x37\n\x0ftemplate_source\x18\t \x01(\x0e\x32\x1e.switchboard.v1.TemplateSource\x12\x17\n\x0fprompt_template\x18\n \x01(\t\x12\x14\n\x0cweight_scale\x18\x0b \x01(\x02\x12\x12\n\nrequest_id\x18\x0c \x01(\t\x12(\n\x07timings\x18\r \x01(\x0b\x32\x17.switchboard.v1.Timings\x12,\n\x08\x61\x64\x61pters\x18\x0e \x03(\x0b\x32\x1a.switchboard.v1.AdapterRef\x12\x0f\n\x07replica\x18\x0f \x01(\t\"g\n\x16GenerateStreamResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x0e\n\x06tokens\x18\x02 \x01(\r\x12/\n\x05\x66inal\x18\x03 \x01(\x0b\x32 .switchboard.v1.GenerateResponse\"\x15\n\x13ListAdaptersRequest\"\xdb\x02\n\rAdapterStatus\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x0c\n\x04rank\x18\x03 \x01(\r\x12\x0f\n\x07targets\x18\x04 \x03(\t\x12\"\n\x04tier\x18\x05 \x01(\x0e\x32\x14.switchboard.v1.Tier\x12\x0e\n\x06pinned\x18\x06 \x01(\r\x12\x1c\n\x0flast_used_s_ago\x18\x07 \x01(\x01H\x00\x88\x01\x01\x12\x17\n\x0frequests_served\x18\x08 \x01(\x04\x12\x14\n\x07load_ms\x18\t \x01(\x01H\x01\x88\x01\x01\x12\x18\n\x10previous_version\x18\n \x01(\t\x12\r\n\x05\x65rror\x18\x0b \x01(\t\x12\x0f\n\x07\x64ialect\x18\x0c \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\r \x01(\t\x12\x1c\n\x14\x64\x65\x66\x61ult_weight_scale\x18\x0e \x01(\x02\x42\x12\n\x10_last_used_s_agoB\n\n\x08_load_ms\"G\n\x14ListAdaptersResponse\x12/\n\x08\x61\x64\x61pters\x18\x01 \x03(\x0b\x32\x1d.switchboard.v1.AdapterStatus\"\"\n\x12LoadAdapterRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"$\n\x14UnloadAdapterRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"5\n\x14ReloadAdapterRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t*\x84\x01\n\x05Route\x12\x15\n\x11ROUTE_UNSPECIFIED\x10\x00\x12\x12\n\x0eROUTE_EXPLICIT\x10\x01\x12\x17\n\x13ROUTE_CALLER_NUMBER\x10\x02\x12\x10\n\x0cROUTE_REGION\x10\x03\x12\x11\n\rROUTE_DEFAULT\x10\x04\x12\x12\n\x0eROUTE_FALLBACK\x10\x05*\xa5\x01\n\x0eTemplateSource\x12\x1f\n\x1bTEMPLATE_SOURCE_UNSPECIFIED\x10\x00\x12\x1b\n\x17TEMPLATE_SOURCE_ADAPTER\x10\x01\x12!\n\x1dTEMPLATE_SOURCE_ROUTING_TABLE\x10\x02\x12\x18\n\x14TEMPLATE_SOURCE_NONE\x10\x03\x12\x18\n\x14TEMPLATE_SOURCE_CHAT\x10\x04*v\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x15\n\x11\x46INISH_REASON_EOS\x10\x01\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x02\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x03*K\n\x04Tier\x12\x14\n\x10TIER_UNSPECIFIED\x10\x00\x12\r\n\tTIER_DISK\x10\x01\x12\r\n\tTIER_HOST\x10\x02\x12\x0f\n\x0bTIER_DEVICE\x10\x03\x32\x92\x04\n\x0bSwitchboard\x12M\n\x08Generate\x12\x1f.switchboard.v1.GenerateRequest\x1a .switchboard.v1.GenerateResponse\x12[\n\x0eGenerateStream\x12\x1f.switchboard.v1.GenerateRequest\x1a&.switchboard.v1.GenerateStreamResponse0\x01\x12Y\n\x0cListAdapters\x12#.switchboard.v1.ListAdaptersRequest\x1a$.switchboard.v1.ListAdaptersResponse\x12P\n\x0bLoadAdapter\x12\".switchboard.v1.LoadAdapterRequest\x1a\x1d.switchboard.v1.AdapterStatus\x12T\n\rUnloadAdapter\x12$.switchboard.v1.UnloadAdapterRequest\x1a\x1d.switchboard.v1.AdapterStatus\x12T\n\rReloadAdapter\x12$.switchboard.v1.ReloadAdapterRequest\x1a\x1d.switchboard.v1.AdapterStatusb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\'protos/switchboard/v1/switchboard.proto\x12\x0eswitchboard.v1\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"\xd6\x04\n\x0fGenerateRequest\x12\x11\n\x04text\x18\x01 \x01(\tH\x00\x88\x01\x01\x12\x13\n\x06prompt\x18\x02 \x01(\tH\x01\x88\x01\x01\x12-\n\x08messages\x18\x03 \x03(\x0b\x32\x1b.switchboard.v1.ChatMessage\x12\x0f\n\x07\x64ialect\x18\x04 \x01(\t\x12\x15\n\rcaller_number\x18\x05 \x01(\t\x12\x0e\n\x06region\x18\x06 \x01(\t\x12\x19\n\x0cweight_scale\x18\x07 \x01(\x02H\x02\x88\x01\x01\x12\x1b\n\x0emax_new_tokens\x18\x08 \x01(\x05H\x03\x88\x01\x01\x12\x18\n\x0btemperature\x18\t \x01(\x02H\x04\x88\x01\x01\x12\x12\n\x05top_p\x18\n \x01(\x02H\x05\x88\x01\x01\x12\x12\n\x05top_k\x18\x0b \x01(\x05H\x06\x88\x01\x01\x12\x1f\n\x12repetition_penalty\x18\x0c \x01(\x02H\x07\x88\x01\x01\x12\x11\n\x04seed\x18\r \x01(\x04H\x08\x88\x01\x01\x12\x0c\n\x04stop\x18\x0e \x03(\t\x12\x12\n\nrequest_id\x18\x0f \x01(\t\x12,\n\x08\x61\x64\x61pters\x18\x10 \x03(\x0b\x32\x1a.switchboard.v1.AdapterRef\x12\x12\n\nignore_eos\x18\x11 \x01(\x08\x12\x17\n\nmin_tokens\x18\x12 \x01(\x05H\t\x88\x01\x01\x42\x07\n\x05_textB\t\n\x07_promptB\x0f\n\r_weight_scaleB\x11\n\x0f_max_new_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x15\n\x13_repetition_penaltyB\x07\n\x05_seedB\r\n\x0b_min_tokens\"W\n\nAdapterRef\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x19\n\x0cweight_scale\x18\x03 \x01(\x02H\x00\x88\x01\x01\x42\x0f\n\r_weight_scale\"M\n\x07Timings\x12\x10\n\x08queue_ms\x18\x01 \x01(\x01\x12\x1e\n\x16time_to_first_token_ms\x18\x02 \x01(\x01\x12\x10\n\x08total_ms\x18\x03 \x01(\x01\"\xee\x03\n\x10GenerateResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12+\n\x07\x61\x64\x61pter\x18\x02 \x01(\x0b\x32\x1a.switchboard.v1.AdapterRef\x12$\n\x05route\x18\x03 \x01(\x0e\x32\x15.switchboard.v1.Route\x12\x14\n\x0croute_detail\x18\x04 \x01(\t\x12\x17\n\x0f\x66\x61llback_reason\x18\x05 \x01(\t\x12\x33\n\rfinish_reason\x18\x06 \x01(\x0e\x32\x1c.switchboard.v1.FinishReason\x12\x15\n\rprompt_tokens\x18\x07 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x08 \x01(\r\x12\x37\n\x0ftemplate_source\x18\t \x01(\x0e\x32\x1e.switchboard.v1.TemplateSource\x12\x17\n\x0fprompt_template\x18\n \x01(\t\x12\x14\n\x0cweight_scale\x18\x0b \x01(\x02\x12\x12\n\nrequest_id\x18\x0c \x01(\t\x12(\n\x07timings\x18\r \x01(\x0b\x32\x17.switchboard.v1.Timings\x12,\n\x08\x61\x64\x61pters\x18\x0e \x03(\x0b\x32\x1a.switchboard.v1.AdapterRef\x12\x0f\n\x07replica\x18\x0f \x01(\t\"g\n\x16GenerateStreamResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x0e\n\x06tokens\x18\x02 \x01(\r\x12/\n\x05\x66inal\x18\x03 \x01(\x0b\x32 .switchboard.v1.GenerateResponse\"\x15\n\x13ListAdaptersRequest\"\xdb\x02\n\rAdapterStatus\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x0c\n\x04rank\x18\x03 \x01(\r\x12\x0f\n\x07targets\x18\x04 \x03(\t\x12\"\n\x04tier\x18\x05 \x01(\x0e\x32\x14.switchboard.v1.Tier\x12\x0e\n\x06pinned\x18\x06 \x01(\r\x12\x1c\n\x0flast_used_s_ago\x18\x07 \x01(\x01H\x00\x88\x01\x01\x12\x17\n\x0frequests_served\x18\x08 \x01(\x04\x12\x14\n\x07load_ms\x18\t \x01(\x01H\x01\x88\x01\x01\x12\x18\n\x10previous_version\x18\n \x01(\t\x12\r\n\x05\x65rror\x18\x0b \x01(\t\x12\x0f\n\x07\x64ialect\x18\x0c \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\r \x01(\t\x12\x1c\n\x14\x64\x65\x66\x61ult_weight_scale\x18\x0e \x01(\x02\x42\x12\n\x10_last_used_s_agoB\n\n\x08_load_ms\"G\n\x14ListAdaptersResponse\x12/\n\x08\x61\x64\x61pters\x18\x01 \x03(\x0b\x32\x1d.switchboard.v1.AdapterStatus\"\"\n\x12LoadAdapterRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"$\n\x14UnloadAdapterRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"5\n\x14ReloadAdapterRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t*\x84\x01\n\x05Route\x12\x15\n\x11ROUTE_UNSPECIFIED\x10\x00\x12\x12\n\x0eROUTE_EXPLICIT\x10\x01\x12\x17\n\x13ROUTE_CALLER_NUMBER\x10\x02\x12\x10\n\x0cROUTE_REGION\x10\x03\x12\x11\n\rROUTE_DEFAULT\x10\x04\x12\x12\n\x0eROUTE_FALLBACK\x10\x05*\xa5\x01\n\x0eTemplateSource\x12\x1f\n\x1bTEMPLATE_SOURCE_UNSPECIFIED\x10\x00\x12\x1b\n\x17TEMPLATE_SOURCE_ADAPTER\x10\x01\x12!\n\x1dTEMPLATE_SOURCE_ROUTING_TABLE\x10\x02\x12\x18\n\x14TEMPLATE_SOURCE_NONE\x10\x03\x12\x18\n\x14TEMPLATE_SOURCE_CHAT\x10\x04*v\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x15\n\x11\x46INISH_REASON_EOS\x10\x01\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x02\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x03*K\n\x04Tier\x12\x14\n\x10TIER_UNSPECIFIED\x10\x00\x12\r\n\tTIER_DISK\x10\x01\x12\r\n\tTIER_HOST\x10\x02\x12\x0f\n\x0bTIER_DEVICE\x10\x03\x32\x92\x04\n\x0bSwitchboard\x12M\n\x08Generate\x12\x1f.switchboard.v1.GenerateRequest\x1a .switchboard.v1.GenerateResponse\x12[\n\x0eGenerateStream\x12\x1f.switchboard.v1.GenerateRequest\x1a&.switchboard.v1.GenerateStreamResponse0\x01\x12Y\n\x0cListAdapters\x12#.switchboard.v1.ListAdaptersRequest\x1a$.switchboard.v1.ListAdaptersResponse\x12P\n\x0bLoadAdapter\x12\".switchboard.v1.LoadAdapterRequest\x1a\x1d.switchboard.v1.AdapterStatus\x12T\n\rUnloadAdapter\x12$.switchboard.v1.UnloadAdapterRequest\x1a\x1d.switchboard.v1.AdapterStatus\x12T\n\rReloadAdapter\x12$.switchboard.v1.ReloadAdapterRequest\x1a\x1d.switchboard.v1.AdapterStatusb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'protos.switchboard.v1.switchboard_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_ROUTE']._serialized_start=1992
-  _globals['_ROUTE']._serialized_end=2124
-  _globals['_TEMPLATESOURCE']._serialized_start=2127
-  _globals['_TEMPLATESOURCE']._serialized_end=2292
-  _globals['_FINISHREASON']._serialized_start=2294
-  _globals['_FINISHREASON']._serialized_end=2412
-  _globals['_TIER']._serialized_start=2414
-  _globals['_TIER']._serialized_end=2489
+  _globals['_ROUTE']._serialized_start=2052
+  _globals['_ROUTE']._serialized_end=2184
+  _globals['_TEMPLATESOURCE']._serialized_start=2187
+  _globals['_TEMPLATESOURCE']._serialized_end=2352
+  _globals['_FINISHREASON']._serialized_start=2354
+  _globals['_FINISHREASON']._serialized_end=2472
+  _globals['_TIER']._serialized_start=2474
+  _globals['_TIER']._serialized_end=2549
   _globals['_CHATMESSAGE']._serialized_start=59
   _globals['_CHATMESSAGE']._serialized_end=103
   _globals['_GENERATEREQUEST']._serialized_start=106
-  _globals['_GENERATEREQUEST']._serialized_end=644
-  _globals['_ADAPTERREF']._serialized_start=646
-  _globals['_ADAPTERREF']._serialized_end=733
-  _globals['_TIMINGS']._serialized_start=735
-  _globals['_TIMINGS']._serialized_end=812
-  _globals['_GENERATERESPONSE']._serialized_start=815
-  _globals['_GENERATERESPONSE']._serialized_end=1309
-  _globals['_GENERATESTREAMRESPONSE']._serialized_start=1311
-  _globals['_GENERATESTREAMRESPONSE']._serialized_end=1414
-  _globals['_LISTADAPTERSREQUEST']._serialized_start=1416
-  _globals['_LISTADAPTERSREQUEST']._serialized_end=1437
-  _globals['_ADAPTERSTATUS']._serialized_start=1440
-  _globals['_ADAPTERSTATUS']._serialized_end=1787
-  _globals['_LISTADAPTERSRESPONSE']._serialized_start=1789
-  _globals['_LISTADAPTERSRESPONSE']._serialized_end=1860
-  _globals['_LOADADAPTERREQUEST']._serialized_start=1862
-  _globals['_LOADADAPTERREQUEST']._serialized_end=1896
-  _globals['_UNLOADADAPTERREQUEST']._serialized_start=1898
-  _globals['_UNLOADADAPTERREQUEST']._serialized_end=1934
-  _globals['_RELOADADAPTERREQUEST']._serialized_start=1936
-  _globals['_RELOADADAPTERREQUEST']._serialized_end=1989
-  _globals['_SWITCHBOARD']._serialized_start=2492
-  _globals['_SWITCHBOARD']._serialized_end=3022
+  _globals['_GENERATEREQUEST']._serialized_end=704
+  _globals['_ADAPTERREF']._serialized_start=706
+  _globals['_ADAPTERREF']._serialized_end=793
+  _globals['_TIMINGS']._serialized_start=795
+  _globals['_TIMINGS']._serialized_end=872
+  _globals['_GENERATERESPONSE']._serialized_start=875
+  _globals['_GENERATERESPONSE']._serialized_end=1369
+  _globals['_GENERATESTREAMRESPONSE']._serialized_start=1371
+  _globals['_GENERATESTREAMRESPONSE']._serialized_end=1474
+  _globals['_LISTADAPTERSREQUEST']._serialized_start=1476
+  _globals['_LISTADAPTERSREQUEST']._serialized_end=1497
+  _globals['_ADAPTERSTATUS']._serialized_start=1500
+  _globals['_ADAPTERSTATUS']._serialized_end=1847
+  _globals['_LISTADAPTERSRESPONSE']._serialized_start=1849
+  _globals['_LISTADAPTERSRESPONSE']._serialized_end=1920
+  _globals['_LOADADAPTERREQUEST']._serialized_start=1922
+  _globals['_LOADADAPTERREQUEST']._serialized_end=1956
+  _globals['_UNLOADADAPTERREQUEST']._serialized_start=1958
+  _globals['_UNLOADADAPTERREQUEST']._serialized_end=1994
+  _globals['_RELOADADAPTERREQUEST']._serialized_start=1996
+  _globals['_RELOADADAPTERREQUEST']._serialized_end=2049
+  _globals['_SWITCHBOARD']._serialized_start=2552
+  _globals['_SWITCHBOARD']._serialized_end=3082
 # @@protoc_insertion_point(module_scope)

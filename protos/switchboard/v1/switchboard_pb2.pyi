@@ -5,7 +5,8 @@ Switchboard: one base LLaMA model, many per-request LoRA dialect adapters.
 
 Generation takes exactly one of `text` (what a caller said; the server wraps it in the
 routed adapter's prompt template), `prompt` (sent to the model verbatim) or `messages`
-(rendered with the tokenizer's chat template). The adapter comes from `dialect` when
+(for an adapter with a manifest, the last user message through its prompt template, as
+it was trained; otherwise the tokenizer's chat template). The adapter comes from `dialect` when
 set, else from the routing table (caller number, then region, then its default).
 
 Status codes: NOT_FOUND (unknown or retired adapter), FAILED_PRECONDITION (an adapter
@@ -192,6 +193,8 @@ class GenerateRequest(_message.Message):
     STOP_FIELD_NUMBER: _builtins.int
     REQUEST_ID_FIELD_NUMBER: _builtins.int
     ADAPTERS_FIELD_NUMBER: _builtins.int
+    IGNORE_EOS_FIELD_NUMBER: _builtins.int
+    MIN_TOKENS_FIELD_NUMBER: _builtins.int
     text: _builtins.str
     """What the caller said. The server wraps it in a prompt template: the routed adapter's
     (from its manifest), or the routing table's for the base model and for adapters
@@ -228,9 +231,21 @@ class GenerateRequest(_message.Message):
     """Caller-chosen id carried into logs and the response (letters, digits, '-', '_', '.',
     at most 64); the server makes one when empty.
     """
+    ignore_eos: _builtins.bool
+    """Keep generating past the end-of-sequence token until max_new_tokens (benchmarks and
+    load tests: a fixed output length whatever the model says). Default false.
+    """
+    min_tokens: _builtins.int
+    """Fewest tokens before the end-of-sequence token or a stop string may end the reply
+    (the end-of-sequence token is masked until then), in [0, max_new_tokens]. Unset: 0.
+    """
     @_builtins.property
     def messages(self) -> _containers.RepeatedCompositeFieldContainer[Global___ChatMessage]:
-        """Chat turns, rendered with the tokenizer's chat template."""
+        """Chat turns. Served by an adapter with a manifest, the last user message goes
+        through the adapter's prompt template (what it was trained on; system and earlier
+        turns are not sent); otherwise the turns are rendered with the tokenizer's chat
+        template.
+        """
 
     @_builtins.property
     def stop(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
@@ -265,13 +280,17 @@ class GenerateRequest(_message.Message):
         stop: _abc.Iterable[_builtins.str] | None = ...,
         request_id: _builtins.str = ...,
         adapters: _abc.Iterable[Global___AdapterRef] | None = ...,
+        ignore_eos: _builtins.bool = ...,
+        min_tokens: _builtins.int | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_max_new_tokens", b"_max_new_tokens", "_prompt", b"_prompt", "_repetition_penalty", b"_repetition_penalty", "_seed", b"_seed", "_temperature", b"_temperature", "_text", b"_text", "_top_k", b"_top_k", "_top_p", b"_top_p", "_weight_scale", b"_weight_scale", "max_new_tokens", b"max_new_tokens", "prompt", b"prompt", "repetition_penalty", b"repetition_penalty", "seed", b"seed", "temperature", b"temperature", "text", b"text", "top_k", b"top_k", "top_p", b"top_p", "weight_scale", b"weight_scale"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_max_new_tokens", b"_max_new_tokens", "_min_tokens", b"_min_tokens", "_prompt", b"_prompt", "_repetition_penalty", b"_repetition_penalty", "_seed", b"_seed", "_temperature", b"_temperature", "_text", b"_text", "_top_k", b"_top_k", "_top_p", b"_top_p", "_weight_scale", b"_weight_scale", "max_new_tokens", b"max_new_tokens", "min_tokens", b"min_tokens", "prompt", b"prompt", "repetition_penalty", b"repetition_penalty", "seed", b"seed", "temperature", b"temperature", "text", b"text", "top_k", b"top_k", "top_p", b"top_p", "weight_scale", b"weight_scale"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_max_new_tokens", b"_max_new_tokens", "_prompt", b"_prompt", "_repetition_penalty", b"_repetition_penalty", "_seed", b"_seed", "_temperature", b"_temperature", "_text", b"_text", "_top_k", b"_top_k", "_top_p", b"_top_p", "_weight_scale", b"_weight_scale", "adapters", b"adapters", "caller_number", b"caller_number", "dialect", b"dialect", "max_new_tokens", b"max_new_tokens", "messages", b"messages", "prompt", b"prompt", "region", b"region", "repetition_penalty", b"repetition_penalty", "request_id", b"request_id", "seed", b"seed", "stop", b"stop", "temperature", b"temperature", "text", b"text", "top_k", b"top_k", "top_p", b"top_p", "weight_scale", b"weight_scale"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_max_new_tokens", b"_max_new_tokens", "_min_tokens", b"_min_tokens", "_prompt", b"_prompt", "_repetition_penalty", b"_repetition_penalty", "_seed", b"_seed", "_temperature", b"_temperature", "_text", b"_text", "_top_k", b"_top_k", "_top_p", b"_top_p", "_weight_scale", b"_weight_scale", "adapters", b"adapters", "caller_number", b"caller_number", "dialect", b"dialect", "ignore_eos", b"ignore_eos", "max_new_tokens", b"max_new_tokens", "messages", b"messages", "min_tokens", b"min_tokens", "prompt", b"prompt", "region", b"region", "repetition_penalty", b"repetition_penalty", "request_id", b"request_id", "seed", b"seed", "stop", b"stop", "temperature", b"temperature", "text", b"text", "top_k", b"top_k", "top_p", b"top_p", "weight_scale", b"weight_scale"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__max_new_tokens: _TypeAlias = _typing.Literal["max_new_tokens"]  # noqa: Y015
     _WhichOneofArgType__max_new_tokens: _TypeAlias = _typing.Literal["_max_new_tokens", b"_max_new_tokens"]  # noqa: Y015
+    _WhichOneofReturnType__min_tokens: _TypeAlias = _typing.Literal["min_tokens"]  # noqa: Y015
+    _WhichOneofArgType__min_tokens: _TypeAlias = _typing.Literal["_min_tokens", b"_min_tokens"]  # noqa: Y015
     _WhichOneofReturnType__prompt: _TypeAlias = _typing.Literal["prompt"]  # noqa: Y015
     _WhichOneofArgType__prompt: _TypeAlias = _typing.Literal["_prompt", b"_prompt"]  # noqa: Y015
     _WhichOneofReturnType__repetition_penalty: _TypeAlias = _typing.Literal["repetition_penalty"]  # noqa: Y015
@@ -290,6 +309,8 @@ class GenerateRequest(_message.Message):
     _WhichOneofArgType__weight_scale: _TypeAlias = _typing.Literal["_weight_scale", b"_weight_scale"]  # noqa: Y015
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__max_new_tokens) -> _WhichOneofReturnType__max_new_tokens | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__min_tokens) -> _WhichOneofReturnType__min_tokens | None: ...
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__prompt) -> _WhichOneofReturnType__prompt | None: ...
     @_typing.overload

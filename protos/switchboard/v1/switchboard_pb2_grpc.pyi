@@ -5,7 +5,8 @@ Switchboard: one base LLaMA model, many per-request LoRA dialect adapters.
 
 Generation takes exactly one of `text` (what a caller said; the server wraps it in the
 routed adapter's prompt template), `prompt` (sent to the model verbatim) or `messages`
-(rendered with the tokenizer's chat template). The adapter comes from `dialect` when
+(for an adapter with a manifest, the last user message through its prompt template, as
+it was trained; otherwise the tokenizer's chat template). The adapter comes from `dialect` when
 set, else from the routing table (caller number, then region, then its default).
 
 Status codes: NOT_FOUND (unknown or retired adapter), FAILED_PRECONDITION (an adapter
