@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import shutil
 import subprocess
@@ -18,6 +19,7 @@ import sys
 import threading
 import time
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -101,7 +103,30 @@ def test_long_prompts_do_not_stall_the_event_loop(live_server):
     """A 1 MiB prompt while a 1 ms heartbeat runs on the server's loop and a client
     checks health: refused INVALID_ARGUMENT by its length, the loop never stalls 20 ms,
     health stays SERVING. A 20,000-character prompt (under the character bound, so it is
-    tokenized: on the tokenizing threads) is refused by its token count the same way."""
+    tokenized, on the tokenizing threads) is refused by the token count of its first
+    1,024 characters, the rest never tokenized."""
+    callers = subprocess.Popen([sys.executable, "-c", LONG_PROMPTS, live_server.address],
+                               stdout=subprocess.PIPE, text=True)
+    try:
+        with loop_stalls(live_server.loop) as stalls:
+            out, _ = callers.communicate(timeout=120)
+    finally:
+        callers.kill()
+    assert callers.returncode == 0
+    replies = json.loads(out)
+    (huge, huge_why), (long, long_why), (again, _) = replies["outcomes"]
+    assert huge == long == again == "INVALID_ARGUMENT", replies["outcomes"]
+    assert "characters cannot fit max_model_len 256" in huge_why, huge_why
+    assert "exceeds max_model_len 256" in long_why, long_why
+    assert replies["health"] and all(replies["health"])
+    print(f"max loop stall {max(stalls) * 1000:.2f} ms over {len(stalls)} beats")
+    assert max(stalls) < 0.020, f"event loop stalled {max(stalls) * 1000:.1f} ms"
+
+
+@contextlib.contextmanager
+def loop_stalls(loop: asyncio.AbstractEventLoop) -> Iterator[list[float]]:
+    """A 1 ms heartbeat on ``loop`` for the length of the block: the list it yields fills
+    with how late each beat woke (a stall of the loop shows as a late beat)."""
     stalls: list[float] = []
     stop = threading.Event()
 
@@ -113,24 +138,12 @@ def test_long_prompts_do_not_stall_the_event_loop(live_server):
             stalls.append(now - last - 0.001)
             last = now
 
-    beat = asyncio.run_coroutine_threadsafe(heartbeat(), live_server.loop)
-    callers = subprocess.Popen([sys.executable, "-c", LONG_PROMPTS, live_server.address],
-                               stdout=subprocess.PIPE, text=True)
+    beat = asyncio.run_coroutine_threadsafe(heartbeat(), loop)
     try:
-        out, _ = callers.communicate(timeout=120)
+        yield stalls
     finally:
         stop.set()
-        callers.kill()
-    beat.result(10)
-    assert callers.returncode == 0
-    replies = json.loads(out)
-    (huge, huge_why), (long, long_why), (again, _) = replies["outcomes"]
-    assert huge == long == again == "INVALID_ARGUMENT", replies["outcomes"]
-    assert "characters cannot fit max_model_len 256" in huge_why, huge_why
-    assert "exceeds max_model_len 256" in long_why, long_why
-    assert replies["health"] and all(replies["health"])
-    print(f"max loop stall {max(stalls) * 1000:.2f} ms over {len(stalls)} beats")
-    assert max(stalls) < 0.020, f"event loop stalled {max(stalls) * 1000:.1f} ms"
+        beat.result(10)
 
 
 def histogram(url: str, name: str, adapter: str) -> tuple[float, float]:
@@ -202,27 +215,14 @@ def test_cold_slot_loads_do_not_stall_the_event_loop(tmp_path, tmp_path_factory)
         Path("default"), root, routing, base_model="default", engine=EngineConfig(
             max_batch_size=8, max_model_len=128, max_loras=8, max_lora_rank=64,
             max_new_tokens_limit=8)))
-    stalls: list[float] = []
-    stop = threading.Event()
-
-    async def heartbeat() -> None:
-        last = time.perf_counter()
-        while not stop.is_set():
-            await asyncio.sleep(0.001)
-            now = time.perf_counter()
-            stalls.append(now - last - 0.001)
-            last = now
-
     # The callers run in a process of their own, as real callers do, so that only the
     # server's own threads compete with its event loop.
     callers = subprocess.Popen([sys.executable, "-c", CALLERS, server.address, *names],
                                stdout=subprocess.PIPE, text=True)
     try:
         assert all(info.tier == "host" for info in server.cache.list_adapters())
-        beat = asyncio.run_coroutine_threadsafe(heartbeat(), server.loop)
-        out, _ = callers.communicate(timeout=300)
-        stop.set()
-        beat.result(10)
+        with loop_stalls(server.loop) as stalls:
+            out, _ = callers.communicate(timeout=300)
         replies = json.loads(out)
         assert callers.returncode == 0
         assert sorted(replies["adapters"]) == names
@@ -231,7 +231,6 @@ def test_cold_slot_loads_do_not_stall_the_event_loop(tmp_path, tmp_path_factory)
         print(f"max loop stall {max(stalls) * 1000:.2f} ms over {len(stalls)} beats")
         assert max(stalls) < 0.010, f"event loop stalled {max(stalls) * 1000:.1f} ms"
     finally:
-        stop.set()
         callers.kill()
         server.stop()
 

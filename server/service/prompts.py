@@ -14,6 +14,13 @@ longest_token`` characters needs more than ``max_model_len`` tokens. A tokenizer
 normalizes its input may compose characters (NFC turns two code points into one); for
 those the bound is widened by :data:`NORMALIZER_SLACK`. Tokenizers whose vocabulary
 cannot be read get no bound (the engine's token check still applies).
+
+Under that bound a text can still hold tens of thousands of tokens, and turning them into
+Python ids holds the GIL (about 14 ms for 20,000 Chinese characters, a stall the loop
+feels even from another thread). So a long text's first ``PREFIX_CHARS_PER_TOKEN *
+max_model_len`` characters are tokenized first: when they alone give more than
+``max_model_len`` tokens (plus :data:`CUT_SLACK` for the word the cut may split), the
+whole cannot fit and the rest is never tokenized.
 """
 
 from __future__ import annotations
@@ -28,6 +35,11 @@ from server.formats.prompt import build_prompt
 
 NORMALIZER_SLACK = 4
 """How much a normalizing tokenizer's character bound is widened."""
+
+PREFIX_CHARS_PER_TOKEN = 4
+"""Characters per allowed token in the prefix tokenized first (see the docstring)."""
+CUT_SLACK = 8
+"""Tokens a cut in the middle of a word may add to the prefix's count."""
 
 PROMPT_THREADS = 2
 """Threads that tokenize calls: tokenizing is CPU work, more threads than cores buy
@@ -96,8 +108,22 @@ class PromptMaker:
                 f"{self.max_model_len} tokens (at most {self.max_chars} characters)",
                 param=field)
 
+    def _check_prefix(self, text: str, field: str) -> None:
+        """Refuse a long text whose prefix alone holds more than max_model_len tokens."""
+        prefix = PREFIX_CHARS_PER_TOKEN * self.max_model_len
+        if len(text) <= prefix:
+            return
+        counted = len(self.tokenizer.encode(text[:prefix], add_special_tokens=False))
+        if counted > self.max_model_len + CUT_SLACK:
+            raise InvalidRequest(
+                f"{field}: more than {counted - CUT_SLACK} tokens in its first {prefix} of "
+                f"{len(text)} characters exceeds max_model_len {self.max_model_len}",
+                param=field)
+
     def _tokens(self, call: Any, manifest: Any, table_template: str
                 ) -> tuple[list[int], TemplateSource, str]:
+        if call.kind in (InputKind.TEXT, InputKind.PROMPT):
+            self._check_prefix(call.text, call.kind.value)
         if call.kind == InputKind.TEXT:
             if manifest is not None:
                 template, source = manifest.prompt_template, TemplateSource.ADAPTER
